@@ -1,0 +1,48 @@
+"""A model's KV cache together with the token ids it covers, so it can be rolled back and reused."""
+
+from __future__ import annotations
+
+from transformers import DynamicCache, PreTrainedModel
+
+
+class TokenCache:
+    """KV cache of one model plus the ids of the tokens whose keys and values it holds.
+
+    Invariant: ``self.kv.get_seq_length() == len(self.ids)``. Tokens past ``ids`` that the
+    decoder knows but has not fed yet are the model's pending tokens.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.kv = DynamicCache(config=model.config)
+        self.ids: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rollback(self, length: int) -> None:
+        """Drop every cached position at or after ``length``."""
+        removed = len(self.ids) - length
+        if removed < 0:
+            raise ValueError(f"cannot roll back to {length}: the cache holds only {len(self.ids)} tokens")
+        if removed:
+            # transformers 5 takes the number of positions to remove, as a negative count.
+            self.kv.crop(-removed)
+            del self.ids[length:]
+
+    def reuse_prefix(self, ids: list[int]) -> None:
+        """Keep the longest cached prefix of ``ids`` and drop the rest.
+
+        A new turn of a conversation repeats the whole history, so only the new tokens
+        need a forward pass. At least one token of ``ids`` stays unfed, because the next
+        forward pass needs an input to produce logits from.
+        """
+        limit = min(len(self.ids), len(ids) - 1)
+        common = 0
+        while common < limit and self.ids[common] == ids[common]:
+            common += 1
+        self.rollback(common)
+
+    def clear(self) -> None:
+        self.kv = DynamicCache(config=self.model.config)
+        self.ids = []

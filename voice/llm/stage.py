@@ -1,0 +1,125 @@
+"""The language-model stage: a question in, verified answer text streamed out.
+
+``LanguageModelStage`` ties the pieces of this package together: the conversation builds
+the prompt, ``SpeculativeDecoder`` produces verified tokens in a worker thread, and the
+incremental detokenizer turns them into text fragments for the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from voice.config import LlmConfig
+from voice.llm.conversation import Conversation
+from voice.llm.detokenize import IncrementalDetokenizer
+from voice.llm.loading import LoadedModels, eos_token_ids
+from voice.llm.speculative import DecodeStats, SpeculativeDecoder
+
+logger = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+@dataclass
+class Answer:
+    """The outcome of one answer: its text, its tokens and the decoder's counters."""
+
+    text: str
+    token_ids: list[int]
+    stats: DecodeStats
+
+
+class LanguageModelStage:
+    """Answers questions with the target model, drafted by the draft model when enabled."""
+
+    def __init__(self, models: LoadedModels, config: LlmConfig) -> None:
+        self.models = models
+        self.config = config
+        self.tokenizer = models.tokenizer
+        self.decoder = SpeculativeDecoder(
+            models.target_model,
+            models.draft_model,
+            eos_token_ids(models.tokenizer, models.target_model),
+            draft_tokens=config.draft_tokens,
+        )
+        self.conversation = Conversation(config.system_prompt, config.max_history_turns)
+        self.last_answer: Answer | None = None
+
+    @property
+    def can_speculate(self) -> bool:
+        return self.models.draft_model is not None
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        limit = self.config.max_context_tokens - self.config.max_new_tokens
+        return self.conversation.prompt_ids(self.tokenizer, user_text, limit)
+
+    async def answer(self, user_text: str, speculative: bool | None = None) -> AsyncIterator[str]:
+        """Stream the answer to ``user_text`` as text fragments of verified tokens.
+
+        The conversation records the question with whatever part of the answer was
+        produced, also when the consumer stops early (cancellation keeps what was said).
+        """
+        if speculative is None:
+            speculative = self.config.speculative
+        speculative = speculative and self.can_speculate
+        prompt = self.prompt_ids(user_text)
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        try:
+            # aclosing stops the decoder as soon as this generator is closed early,
+            # instead of whenever the inner generator is garbage-collected.
+            async with contextlib.aclosing(self._stream_tokens(prompt, speculative)) as token_stream:
+                async for tokens in token_stream:
+                    fragment = detokenizer.push(tokens)
+                    if fragment:
+                        yield fragment
+            rest = detokenizer.flush()
+            if rest:
+                yield rest
+        finally:
+            text = detokenizer.text.strip()
+            self.last_answer = Answer(detokenizer.text, detokenizer.ids, self.decoder.stats)
+            self.conversation.add(user_text, text)
+
+    async def _stream_tokens(self, prompt: list[int], speculative: bool) -> AsyncIterator[list[int]]:
+        """Run the decoder in a worker thread and hand each verified batch to the event loop."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def produce() -> None:
+            if self.config.threads:
+                torch.set_num_threads(self.config.threads)
+            try:
+                for tokens in self.decoder.generate(prompt, self.config.max_new_tokens, speculative, cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, tokens)
+            except BaseException as error:  # handed to the consumer, which re-raises it
+                loop.call_soon_threadsafe(queue.put_nowait, error)
+            else:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        worker = asyncio.ensure_future(asyncio.to_thread(produce))
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            # The decoder stops between steps, so the caches hold verified tokens only
+            # by the time the worker ends; the next turn must not start before that.
+            cancel.set()
+            await asyncio.shield(worker)
+
+    def generate_ids(self, prompt_ids: list[int], speculative: bool, max_new_tokens: int | None = None) -> list[int]:
+        """Decode synchronously and return all verified ids (for tests and benchmarks)."""
+        limit = max_new_tokens or self.config.max_new_tokens
+        return [token for step in self.decoder.generate(prompt_ids, limit, speculative) for token in step]
