@@ -1,0 +1,85 @@
+"""config.yaml parsing and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ROOT
+from voice.config import Config, load_config
+from voice.errors import ConfigError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_config_equals_defaults():
+    assert load_config(ROOT / "config.yaml") == Config()
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_partial_section_keeps_other_defaults(tmp_path):
+    config = load_config(write(tmp_path, "llm:\n  draft_tokens: 6\n"))
+    assert config.llm.draft_tokens == 6
+    assert config.llm.target == Config().llm.target
+    assert config.asr == Config().asr
+
+
+def test_float_field_accepts_integer(tmp_path):
+    assert load_config(write(tmp_path, "tts:\n  length_scale: 1\n")).tts.length_scale == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("llm:\n  draft_tokenz: 4\n", "unknown key 'llm.draft_tokenz'"),
+        ("colour: blue\n", "unknown key 'colour'"),
+        ("llm:\n  draft_tokens: four\n", "llm.draft_tokens must be an integer from 1 to 16, got 'four'"),
+        ("llm:\n  draft_tokens: 0\n", "llm.draft_tokens must be an integer from 1 to 16, got 0"),
+        ("llm:\n  draft_tokens: true\n", "llm.draft_tokens must be an integer"),
+        ("llm:\n  speculative: 'yes'\n", "llm.speculative must be true or false"),
+        ("llm:\n  dtype: float16\n", "llm.dtype must be one of 'auto', 'float32', 'bfloat16'"),
+        ("tts:\n  length_scale: 9\n", "tts.length_scale must be a number from 0.5 to 2.0, got 9"),
+        ("asr:\n  vad_aggressiveness: 4\n", "asr.vad_aggressiveness must be an integer from 0 to 3"),
+        ("llm: 5\n", "llm must be a mapping"),
+        ("- a\n- b\n", "the top level must be a mapping"),
+        ("llm:\n  draft_tokens: [1\n", "invalid YAML at line"),
+        ("llm:\n  system_prompt: '  '\n", "llm.system_prompt must not be empty"),
+    ],
+    ids=["unknown-nested", "unknown-top", "wrong-type", "below-range", "bool-for-int", "string-for-bool",
+         "bad-choice", "above-range", "vad-range", "section-not-mapping", "top-not-mapping", "bad-yaml", "empty-prompt"],
+)
+def test_invalid_config_names_file_and_key(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(path) in str(error.value)
+    assert expected in str(error.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="Config file not found: .*nope.yaml. Pass an existing file with --config"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("llm:\n  target: ./no/such/model\n", "llm.target: './no/such/model' not found"),
+        ("asr:\n  model: /no/whisper\n", "asr.model: '/no/whisper' not found"),
+        ("tts:\n  voice: missing-voice.onnx\n", "tts.voice: 'missing-voice.onnx' not found"),
+    ],
+    ids=["target-folder", "whisper-folder", "piper-voice"],
+)
+def test_missing_model_path_rejected_at_load(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(path) in str(error.value)
+    assert expected in str(error.value)
+    assert "embedded name" in str(error.value)

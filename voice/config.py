@@ -1,0 +1,214 @@
+"""Configuration: one dataclass per stage, loaded from config.yaml and validated before any model loads.
+
+Every field's docstring gives its unit and allowed range; the repository's config.yaml
+documents the same defaults for people. ``load_config`` rejects unknown keys, wrong
+types and out-of-range values with the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from voice.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a voice assistant. Your answers are read aloud by a speech synthesizer, "
+    "so answer in one to three short, plain spoken sentences. Never use markdown, lists, "
+    "tables, code, emoji or URLs. Write numbers, units and symbols the way a person says "
+    "them, for example 'twenty degrees Celsius' or 'five kilometres'. If you cannot know "
+    "something, such as the current time, the weather or the state of a device, say so "
+    "in one sentence."
+)
+
+
+@dataclass
+class AsrConfig:
+    """Speech recognition with faster-whisper."""
+
+    model: str = "base"
+    """Embedded name (base, tiny.en), a CTranslate2 Whisper folder, or a Hugging Face id."""
+    compute_type: Literal["int8", "float32"] = "int8"
+    language: str = "en"
+    """Language code passed to Whisper; empty string lets Whisper detect it."""
+    beam_size: int = field(default=1, metadata={"range": (1, 10)})
+    threads: int = field(default=0, metadata={"range": (0, 256)})
+    """CPU threads for Whisper; 0 uses every core."""
+    min_speech_ms: int = field(default=250, metadata={"range": (0, 10_000)})
+    """Voiced audio (milliseconds, by webrtcvad) a recording needs before Whisper runs."""
+    vad_aggressiveness: int = field(default=3, metadata={"range": (0, 3)})
+    """webrtcvad mode: 0 accepts the most audio as speech, 3 the least."""
+    no_speech_threshold: float = field(default=0.6, metadata={"range": (0.0, 1.0)})
+    """A segment whose no-speech probability exceeds this, with low confidence, is dropped."""
+    log_prob_threshold: float = field(default=-1.0, metadata={"range": (-10.0, 0.0)})
+    """Mean token log-probability under which a segment counts as low confidence."""
+
+
+@dataclass
+class LlmConfig:
+    """The speculative-decoding language-model stage."""
+
+    target: str = "qwen2.5-coder-1.5b-instruct"
+    """Embedded name, a transformers model folder, or a Hugging Face id."""
+    draft: str = "qwen2.5-coder-0.5b-instruct"
+    """Draft model with the target's tokenizer: embedded name, folder or Hugging Face id."""
+    speculative: bool = True
+    """False decodes with the target alone (for comparison); the draft is then not loaded."""
+    draft_tokens: int = field(default=4, metadata={"range": (1, 16)})
+    """Tokens the draft proposes per verification pass (k)."""
+    max_new_tokens: int = field(default=120, metadata={"range": (1, 4096)})
+    """Upper bound on the tokens of one answer."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bfloat16 where the CPU has AMX or AVX512-BF16, float32 elsewhere."""
+    threads: int = field(default=0, metadata={"range": (0, 256)})
+    """torch CPU threads; 0 uses every core."""
+    max_context_tokens: int = field(default=2048, metadata={"range": (256, 32_768)})
+    """Prompt plus answer; the oldest turns are dropped to stay under it."""
+    max_history_turns: int = field(default=6, metadata={"range": (0, 100)})
+    """Earlier question-answer pairs kept in the prompt."""
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+
+@dataclass
+class TtsConfig:
+    """Speech synthesis with piper."""
+
+    voice: str = "en_US-joe-medium"
+    """Embedded voice name, or a path to a piper .onnx voice (its .onnx.json beside it)."""
+    length_scale: float = field(default=1.0, metadata={"range": (0.5, 2.0)})
+    """Speaking slowness: below 1 is faster, above 1 slower."""
+    volume: float = field(default=1.0, metadata={"range": (0.0, 4.0)})
+    """Gain applied to the voice (1.0 is unchanged)."""
+    threads: int = field(default=1, metadata={"range": (0, 64)})
+    """onnxruntime threads for piper; 0 uses every core. One leaves a core to the LLM."""
+    first_chunk_min_words: int = field(default=3, metadata={"range": (1, 50)})
+    """Words the first spoken chunk needs before it may end at a comma."""
+    max_chunk_chars: int = field(default=220, metadata={"range": (20, 2000)})
+    """Longest text handed to piper at once (characters)."""
+
+
+@dataclass
+class Config:
+    asr: AsrConfig = field(default_factory=AsrConfig)
+    llm: LlmConfig = field(default_factory=LlmConfig)
+    tts: TtsConfig = field(default_factory=TtsConfig)
+    allow_download: bool = False
+    """Let Hugging Face ids download missing model files; off keeps the program offline."""
+    cache_dir: str = ""
+    """Where converted models are kept; empty means $XDG_CACHE_HOME/voice or ~/.cache/voice."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in typing.get_args(annotation))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
+
+
+def _convert(value: Any, annotation: Any, spec: dataclasses.Field, where: str) -> Any:
+    """Check one YAML value against its field; return it converted to the field's type."""
+    allowed = _type_name(annotation)
+    value_range = spec.metadata.get("range")
+    if value_range:
+        allowed += f" from {value_range[0]} to {value_range[1]}"
+    problem = ConfigError(f"{where} must be {allowed}, got {value!r}")
+    if typing.get_origin(annotation) is Literal:
+        if value not in typing.get_args(annotation):
+            raise problem
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise problem
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise problem
+    elif annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise problem
+        value = float(value)
+    elif annotation is str:
+        if not isinstance(value, str):
+            raise problem
+    if value_range and not value_range[0] <= value <= value_range[1]:
+        raise problem
+    return value
+
+
+def _build(cls: type, data: Any, path: Path, prefix: str = "") -> Any:
+    section = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {section} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {spec.name: spec for spec in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{path}: unknown key '{prefix}{key}' in {section}; allowed keys: {', '.join(fields)}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            values[key] = _build(annotation, value, path, f"{prefix}{key}.")
+        else:
+            values[key] = _convert(value, annotation, fields[key], f"{path}: {prefix}{key}")
+    return cls(**values)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a config file; ``None`` returns the defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"Config file not found: {path}. Pass an existing file with --config") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"Cannot read config file {path}: {error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{line}: {getattr(error, 'problem', error)}") from None
+    if data is None:
+        data = {}
+    config = _build(Config, data, path)
+    if config.llm.system_prompt.strip() == "":
+        raise ConfigError(f"{path}: llm.system_prompt must not be empty")
+    _check_model_paths(config, path)
+    return config
+
+
+def _check_model_paths(config: Config, path: Path) -> None:
+    """Reject model settings that name a local path which does not exist."""
+    from voice.models import embedded_names
+
+    settings = [
+        ("asr.model", config.asr.model, "whisper", "a CTranslate2 Whisper folder"),
+        ("llm.target", config.llm.target, "llm", "a transformers model folder"),
+        ("llm.draft", config.llm.draft, "llm", "a transformers model folder"),
+        ("tts.voice", config.tts.voice, "piper", "a piper .onnx voice file"),
+    ]
+    for key, value, kind, local in settings:
+        if value in embedded_names(kind):
+            continue
+        looks_like_path = value.startswith((".", "/", "~")) or value.endswith(".onnx") or kind == "piper"
+        if looks_like_path and not Path(value).expanduser().exists():
+            raise ConfigError(
+                f"{path}: {key}: {value!r} not found; use an embedded name "
+                f"({', '.join(embedded_names(kind))}), {local}"
+                + ("" if kind == "piper" else ", or a Hugging Face id")
+            )
+
+
+def as_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
