@@ -1,0 +1,121 @@
+"""Speech recognition with faster-whisper, with the checks that keep non-speech from being answered.
+
+Whisper transcribes whatever it is given: on silence or noise it often invents a phrase
+such as "Thank you." Three gates stand before a transcript reaches the language model:
+
+1. webrtcvad must hear a continuous stretch of speech of at least ``min_speech_ms``;
+2. faster-whisper's Silero VAD filter must keep some audio;
+3. each segment must pass Whisper's own signals (no-speech probability with low
+   confidence, compression ratio), and a transcript made only of a known phantom phrase
+   is dropped unless Whisper was confident in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from voice.asr.phantoms import is_phantom_phrase
+from voice.audio.vad import longest_voiced_run_ms
+from voice.config import AsrConfig
+
+logger = logging.getLogger(__name__)
+
+# A segment whose text compresses better than this (gzip ratio) is a repetition loop.
+_MAX_COMPRESSION_RATIO = 2.4
+# Mean log-probability above which a phantom phrase is trusted as really spoken.
+_PHANTOM_TRUSTED_LOG_PROB = -0.3
+
+
+@dataclass
+class Transcript:
+    text: str
+    """Empty when no speech was found."""
+    reason: str = ""
+    """Why the text is empty: which gate rejected the audio."""
+    duration_s: float = 0.0
+    voiced_ms: int = 0
+    segments: list[dict] = field(default_factory=list)
+    """Per segment: text, start_s, end_s, no_speech_prob, avg_logprob."""
+
+    @property
+    def has_speech(self) -> bool:
+        return bool(self.text)
+
+
+class Recognizer:
+    """Wraps one faster-whisper model, loaded once and used for every turn."""
+
+    def __init__(self, model_source: str, config: AsrConfig, local_files_only: bool = True) -> None:
+        from faster_whisper import WhisperModel
+
+        started = time.monotonic()
+        self.config = config
+        self.model = WhisperModel(
+            model_source,
+            device="cpu",
+            compute_type=config.compute_type,
+            cpu_threads=config.threads,
+            local_files_only=local_files_only,
+        )
+        logger.info("Loaded Whisper model %s in %.1f s", model_source, time.monotonic() - started)
+
+    def transcribe(self, audio: np.ndarray) -> Transcript:
+        """Transcribe 16 kHz mono float32 audio; blocking, so call it from a worker thread."""
+        duration_s = len(audio) / 16_000
+        voiced_ms = longest_voiced_run_ms(audio, self.config.vad_aggressiveness)
+        if voiced_ms < self.config.min_speech_ms:
+            return Transcript("", f"no speech: {voiced_ms} ms voiced (webrtcvad)", duration_s, voiced_ms)
+
+        segments, _info = self.model.transcribe(
+            audio,
+            language=self.config.language or None,
+            beam_size=self.config.beam_size,
+            vad_filter=True,
+            condition_on_previous_text=False,
+            no_speech_threshold=self.config.no_speech_threshold,
+            log_prob_threshold=self.config.log_prob_threshold,
+            compression_ratio_threshold=_MAX_COMPRESSION_RATIO,
+        )
+        kept = []
+        details = []
+        # faster-whisper's segments are a lazy generator: the decoding happens here.
+        for segment in segments:
+            detail = {
+                "text": segment.text.strip(),
+                "start_s": round(segment.start, 2),
+                "end_s": round(segment.end, 2),
+                "no_speech_prob": round(segment.no_speech_prob, 3),
+                "avg_logprob": round(segment.avg_logprob, 3),
+            }
+            details.append(detail)
+            if self._is_noise(segment):
+                logger.debug("Dropped segment %r (no_speech_prob %.2f, avg_logprob %.2f)", detail["text"], segment.no_speech_prob, segment.avg_logprob)
+                continue
+            kept.append(segment)
+
+        text = " ".join(segment.text.strip() for segment in kept).strip()
+        if not details:
+            return Transcript("", "no speech: Silero VAD found none", duration_s, voiced_ms)
+        if not _has_words(text):
+            return Transcript("", "no speech: Whisper's no-speech signals", duration_s, voiced_ms, details)
+        best_log_prob = max(segment.avg_logprob for segment in kept)
+        if is_phantom_phrase(text) and best_log_prob < _PHANTOM_TRUSTED_LOG_PROB:
+            return Transcript("", f"no speech: {text!r} is a typical Whisper phantom phrase", duration_s, voiced_ms, details)
+        return Transcript(text, "", duration_s, voiced_ms, details)
+
+    def _is_noise(self, segment) -> bool:
+        if segment.compression_ratio > _MAX_COMPRESSION_RATIO:
+            return True
+        return (
+            segment.no_speech_prob > self.config.no_speech_threshold
+            and segment.avg_logprob < self.config.log_prob_threshold
+        )
+
+
+def _has_words(text: str) -> bool:
+    return re.search(r"\w", text) is not None

@@ -1,0 +1,46 @@
+"""Speech synthesis with piper: text in, 16-bit-ready float audio chunks out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from voice.config import TtsConfig
+from voice.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+
+class Synthesizer:
+    """One piper voice, loaded once; ``synthesize`` is blocking, so call it from a worker thread."""
+
+    def __init__(self, voice_path: Path, config: TtsConfig) -> None:
+        import onnxruntime
+        from piper import PiperVoice, SynthesisConfig
+        from piper.config import PiperConfig
+
+        started = time.monotonic()
+        try:
+            voice_config = PiperConfig.from_dict(json.loads(Path(f"{voice_path}.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelError(f"Piper voice config {voice_path}.json is unreadable ({error}): reinstall the voice") from None
+        options = onnxruntime.SessionOptions()
+        # piper runs while the language model decodes; a thread cap keeps the two from
+        # fighting over the same cores.
+        options.intra_op_num_threads = config.threads
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(str(voice_path), sess_options=options, providers=["CPUExecutionProvider"])
+        self.voice = PiperVoice(session=session, config=voice_config)
+        self.sample_rate: int = voice_config.sample_rate
+        self.synthesis_config = SynthesisConfig(length_scale=config.length_scale, volume=config.volume)
+        logger.info("Loaded piper voice %s in %.1f s", voice_path.name, time.monotonic() - started)
+
+    def synthesize(self, text: str) -> Iterator[np.ndarray]:
+        """Yield float32 mono audio in [-1, 1] at ``sample_rate``, one array per sentence."""
+        for chunk in self.voice.synthesize(text, self.synthesis_config):
+            yield chunk.audio_float_array
