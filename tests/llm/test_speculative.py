@@ -28,6 +28,8 @@ def assert_cache_matches_fresh_prefill(decoder: SpeculativeDecoder) -> None:
     """The rolled-back cache must equal a cache built from scratch over the same ids."""
     for cache in (decoder.target, decoder.draft):
         assert cache.kv.get_seq_length() == len(cache.ids)
+        if not cache.ids:
+            continue
         fresh = DynamicCache(config=cache.model.config)
         with torch.inference_mode():
             cache.model(input_ids=torch.tensor([cache.ids]), cache=fresh, use_cache=True)
@@ -61,9 +63,11 @@ def test_identical_draft_accepts_every_token():
     assert output == plain_greedy(target, PROMPTS[0], 25)
     assert stats.accepted == stats.drafted > 0
     assert stats.acceptance_rate == 1.0
-    # 25 tokens at 5 per step (4 drafts + 1 bonus) take 5 target passes.
-    assert stats.steps == 5
-    assert stats.accept_counts[4] == 5
+    # The first pass yields 1 token; then 4 passes of 5 (4 drafts + 1 bonus), and a last
+    # pass of 4 whose 3 drafts fill the budget exactly.
+    assert stats.steps == 6
+    assert stats.accept_counts[4] == 4
+    assert stats.accept_counts[3] == 1
     assert_cache_matches_fresh_prefill(decoder)
 
 
@@ -77,7 +81,8 @@ def test_forced_wrong_draft_accepts_nothing():
     assert stats.accepted == 0
     assert stats.drafted > 0
     assert stats.steps == 20  # one correction token per target pass
-    assert stats.accept_counts[0] == stats.steps - 1  # the last step has no budget to draft
+    # Neither the first pass (prefill) nor the last (no budget left) drafts.
+    assert stats.accept_counts[0] == stats.steps - 2
     assert_cache_matches_fresh_prefill(decoder)
 
 
@@ -122,9 +127,8 @@ def test_cache_reused_across_turns():
     first_answer = speculative_greedy(decoder, PROMPTS[1], 12)
     follow_up = PROMPTS[1] + first_answer + [3, 4, 5]
     second_answer = speculative_greedy(decoder, follow_up, 12)
-    # Fed now: the first answer's last token (emitted, never fed) and two of the three
-    # new tokens; the last one is the pending input of the first step.
-    assert decoder.stats.prefill_tokens == 3
+    # Fed now: the first answer's last token (emitted, never fed) and the three new ones.
+    assert decoder.stats.prefill_tokens == 4
     assert second_answer == plain_greedy(target, follow_up, 12)
     assert_cache_matches_fresh_prefill(decoder)
 
@@ -135,7 +139,7 @@ def test_diverging_prompt_rolls_cache_back():
     speculative_greedy(decoder, [1, 2, 3, 4, 5, 6], 10)
     other = [1, 2, 3, 50, 51]
     assert speculative_greedy(decoder, other, 10) == plain_greedy(target, other, 10)
-    assert decoder.stats.prefill_tokens == 1  # 50 fed; 51 is the pending input
+    assert decoder.stats.prefill_tokens == 2  # 50 and 51 after the common prefix [1, 2, 3]
     assert_cache_matches_fresh_prefill(decoder)
 
 

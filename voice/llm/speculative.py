@@ -41,12 +41,13 @@ class DecodeStats:
     """Prompt tokens that needed a forward pass; the rest came from the reused cache."""
     new_tokens: int = 0
     steps: int = 0
-    """Target forward passes after the prefill."""
+    """Target forward passes, the first one (prefill plus first token) included."""
     drafted: int = 0
     accepted: int = 0
     accept_counts: list[int] = field(default_factory=list)
     """accept_counts[n]: steps in which exactly n draft tokens were accepted."""
     prefill_s: float = 0.0
+    """Seconds of the first step, which prefills the prompt and yields the first token."""
     first_token_s: float | None = None
     """Seconds from the call to the first verified token."""
     total_s: float = 0.0
@@ -66,9 +67,9 @@ class DecodeStats:
 
     @property
     def tokens_per_s(self) -> float | None:
-        """Verified tokens per second of decoding, prefill excluded."""
+        """Verified tokens per second after the first token (the prefill step is excluded)."""
         decode_s = self.total_s - self.prefill_s
-        return self.new_tokens / decode_s if self.new_tokens and decode_s > 0 else None
+        return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else None
 
 
 class SpeculativeDecoder:
@@ -109,6 +110,9 @@ class SpeculativeDecoder:
     ) -> Iterator[list[int]]:
         """Yield verified tokens, one list per target pass, until a stop.
 
+        The first pass prefills the prompt (all of it that the cache does not hold yet)
+        and yields one token without drafting; later passes verify drafts.
+
         End-of-sequence tokens are not yielded. ``cancel`` is checked between steps, so a
         cancelled generation leaves both caches holding verified tokens only.
         """
@@ -120,10 +124,13 @@ class SpeculativeDecoder:
         self.stats = stats = DecodeStats(prompt_tokens=len(prompt_ids), accept_counts=[0] * (self.draft_tokens + 1))
         ids = list(prompt_ids)
 
-        stats.prefill_tokens = self._prefill(self.target, ids)
-        if speculative:
-            self._prefill(self.draft, ids)
-        stats.prefill_s = time.perf_counter() - started
+        # The prompt is prefilled by the first step's target pass, which also yields the
+        # first token: that step never drafts, so the draft's own prefill (run by its first
+        # proposal) does not delay the first token.
+        self.target.reuse_prefix(ids)
+        if self.draft is not None:
+            self.draft.reuse_prefix(ids)
+        stats.prefill_tokens = len(ids) - len(self.target)
 
         while True:
             if cancel is not None and cancel.is_set():
@@ -132,13 +139,15 @@ class SpeculativeDecoder:
             remaining = max_new_tokens - stats.new_tokens
             # The last token of the budget comes from the target alone, so drafting
             # never runs past max_new_tokens.
-            k = min(self.draft_tokens, remaining - 1) if speculative else 0
+            k = min(self.draft_tokens, remaining - 1) if speculative and stats.steps else 0
             new_tokens = self._speculative_step(ids, k) if k > 0 else self._plain_step(ids)
             stats.steps += 1
 
             new_tokens, stop_reason = self._apply_stops(new_tokens, remaining)
             ids.extend(new_tokens)
             stats.new_tokens += len(new_tokens)
+            if stats.steps == 1:
+                stats.prefill_s = time.perf_counter() - started
             if new_tokens:
                 if stats.first_token_s is None:
                     stats.first_token_s = time.perf_counter() - started
@@ -160,14 +169,6 @@ class SpeculativeDecoder:
         if len(new_tokens) >= remaining:
             return new_tokens[:remaining], "max_tokens"
         return new_tokens, ""
-
-    def _prefill(self, cache: TokenCache, ids: list[int]) -> int:
-        """Feed all but the last prompt token; return how many tokens needed a pass."""
-        cache.reuse_prefix(ids)
-        missing = ids[len(cache) : len(ids) - 1]
-        if missing:
-            _forward(cache, missing, logits_to_keep=1)
-        return len(missing)
 
     def _plain_step(self, ids: list[int]) -> list[int]:
         logits = _forward(self.target, ids[len(self.target) :], logits_to_keep=1)

@@ -1,0 +1,89 @@
+"""Where reply audio goes: a WAV file, the speaker, or nowhere."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from voice.errors import AudioDeviceError
+
+logger = logging.getLogger(__name__)
+
+
+class AudioSink:
+    """Receives float32 mono chunks in [-1, 1]; ``close(ok=False)`` throws away a partial reply."""
+
+    async def open(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+
+    async def write(self, samples: np.ndarray) -> None:
+        raise NotImplementedError
+
+    async def close(self, ok: bool) -> None:
+        pass
+
+
+class NullSink(AudioSink):
+    async def write(self, samples: np.ndarray) -> None:
+        pass
+
+
+class WavFileSink(AudioSink):
+    """Writes the reply to a WAV file as it arrives; the final path appears only when complete."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._writer = None
+
+    async def open(self, sample_rate: int) -> None:
+        from voice.audio.wav import ReplyWavWriter
+
+        await super().open(sample_rate)
+        self._writer = ReplyWavWriter(self.path, sample_rate)
+
+    async def write(self, samples: np.ndarray) -> None:
+        await asyncio.to_thread(self._writer.write, samples)
+
+    async def close(self, ok: bool) -> None:
+        if self._writer is None:
+            return
+        writer, self._writer = self._writer, None
+        if ok:
+            await asyncio.to_thread(writer.commit)
+        else:
+            await asyncio.to_thread(writer.discard)
+
+
+class SpeakerSink(AudioSink):
+    """Plays the reply through a sounddevice output stream."""
+
+    def __init__(self, device: int | str | None = None) -> None:
+        self.device = device
+        self._stream = None
+
+    async def open(self, sample_rate: int) -> None:
+        await super().open(sample_rate)
+        try:
+            import sounddevice
+        except OSError as error:  # PortAudio missing
+            raise AudioDeviceError(f"Cannot play audio: {error}. Install PortAudio (apt-get install libportaudio2) or write to a file with --output") from None
+        try:
+            self._stream = sounddevice.OutputStream(samplerate=sample_rate, channels=1, dtype="float32", device=self.device)
+            self._stream.start()
+        except (sounddevice.PortAudioError, ValueError) as error:
+            name = "the default output device" if self.device is None else f"output device {self.device!r}"
+            raise AudioDeviceError(f"Cannot open {name} at {sample_rate} Hz: {error}. Run 'voice devices' to list devices, or write to a file with --output") from None
+
+    async def write(self, samples: np.ndarray) -> None:
+        # A blocking write paces the caller at the speed of playback.
+        await asyncio.to_thread(self._stream.write, samples.astype(np.float32).reshape(-1, 1))
+
+    async def close(self, ok: bool) -> None:
+        if self._stream is None:
+            return
+        stream, self._stream = self._stream, None
+        await asyncio.to_thread(stream.stop if ok else stream.abort)
+        stream.close()

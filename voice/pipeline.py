@@ -1,0 +1,221 @@
+"""The turn pipeline: recognize, answer, speak, each stage a task linked by asyncio queues.
+
+    audio ──Recognizer──▶ transcript ──LanguageModelStage──▶ verified text
+          ──SpeechChunker──▶ speakable chunks ──Synthesizer──▶ audio chunks ──AudioSink
+
+Model work (Whisper, torch, piper) runs in worker threads; the event loop only moves
+data between stages. The language model keeps decoding while piper speaks the chunks
+already verified, so the first audio leaves long before the answer is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from voice.asr.recognizer import Recognizer, Transcript
+from voice.audio.sinks import AudioSink
+from voice.config import Config
+from voice.llm.stage import LanguageModelStage
+from voice.metrics import TurnMetrics
+from voice.tts.synthesizer import Synthesizer
+from voice.tts.text import SpeechChunker
+
+logger = logging.getLogger(__name__)
+
+# A chunk or audio queue this long means a stage downstream has stalled; the bound keeps
+# a runaway answer from piling up audio in memory.
+_QUEUE_SIZE = 32
+
+
+class TurnEvents:
+    """Hooks a front end overrides to show a turn as it happens; all no-ops here."""
+
+    def on_transcript(self, transcript: Transcript) -> None:
+        pass
+
+    def on_text(self, fragment: str) -> None:
+        pass
+
+    def on_answer_end(self) -> None:
+        pass
+
+
+@dataclass
+class TurnResult:
+    transcript: Transcript | None
+    answer: str
+    """The full verified answer text; empty when nothing was heard."""
+    metrics: TurnMetrics
+
+
+class Assistant:
+    """The loaded models and the conversation; each ``respond_*`` call is one turn."""
+
+    def __init__(
+        self,
+        config: Config,
+        llm: LanguageModelStage,
+        recognizer: Recognizer | None = None,
+        synthesizer: Synthesizer | None = None,
+    ) -> None:
+        self.config = config
+        self.llm = llm
+        self.recognizer = recognizer
+        self.synthesizer = synthesizer
+
+    async def respond_to_audio(
+        self,
+        audio: np.ndarray,
+        sink: AudioSink | None,
+        events: TurnEvents | None = None,
+        speculative: bool | None = None,
+    ) -> TurnResult:
+        """Answer 16 kHz mono speech; returns without an answer when no speech is found."""
+        events = events or TurnEvents()
+        metrics = TurnMetrics(input_audio_s=len(audio) / 16_000)
+        if self.recognizer is None:
+            raise RuntimeError("this Assistant was built without a recognizer")
+        transcript = await asyncio.to_thread(self.recognizer.transcribe, audio)
+        metrics.asr_ms = metrics.elapsed_ms()
+        events.on_transcript(transcript)
+        if not transcript.has_speech:
+            metrics.total_ms = metrics.elapsed_ms()
+            logger.info("turn: no speech detected (%s) | asr %d ms", transcript.reason, metrics.asr_ms)
+            return TurnResult(transcript, "", metrics)
+        answer = await self._answer(transcript.text, sink, events, metrics, speculative)
+        return TurnResult(transcript, answer, metrics)
+
+    async def respond_to_text(
+        self,
+        text: str,
+        sink: AudioSink | None,
+        events: TurnEvents | None = None,
+        speculative: bool | None = None,
+    ) -> TurnResult:
+        metrics = TurnMetrics()
+        answer = await self._answer(text, sink, events or TurnEvents(), metrics, speculative)
+        return TurnResult(None, answer, metrics)
+
+    async def _answer(
+        self,
+        question: str,
+        sink: AudioSink | None,
+        events: TurnEvents,
+        metrics: TurnMetrics,
+        speculative: bool | None,
+    ) -> str:
+        speak = sink is not None and self.synthesizer is not None
+        chunks: asyncio.Queue[str | None] = asyncio.Queue(_QUEUE_SIZE)
+        audio: asyncio.Queue[np.ndarray | None] = asyncio.Queue(_QUEUE_SIZE)
+        parts: list[str] = []
+
+        async def generate() -> None:
+            chunker = SpeechChunker(self.config.tts.first_chunk_min_words, self.config.tts.max_chunk_chars)
+            try:
+                async for fragment in self.llm.answer(question, speculative):
+                    if metrics.first_token_ms is None:
+                        metrics.first_token_ms = metrics.elapsed_ms()
+                    parts.append(fragment)
+                    events.on_text(fragment)
+                    if speak:
+                        for chunk in chunker.push(fragment):
+                            await chunks.put(chunk)
+                if speak:
+                    for chunk in chunker.flush():
+                        await chunks.put(chunk)
+            finally:
+                events.on_answer_end()
+                if speak:
+                    await chunks.put(None)
+
+        async def synthesize() -> None:
+            try:
+                while (chunk := await chunks.get()) is not None:
+                    for samples in await asyncio.to_thread(_synthesize_all, self.synthesizer, chunk):
+                        await audio.put(samples)
+            finally:
+                await audio.put(None)
+
+        async def play() -> None:
+            while (samples := await audio.get()) is not None:
+                await sink.write(samples)
+                metrics.audio_s += len(samples) / self.synthesizer.sample_rate
+                if metrics.first_audio_ms is None:
+                    metrics.first_audio_ms = metrics.elapsed_ms()
+
+        ok = False
+        if speak:
+            await sink.open(self.synthesizer.sample_rate)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(generate(), name="llm")
+                if speak:
+                    group.create_task(synthesize(), name="tts")
+                    group.create_task(play(), name="sink")
+            ok = True
+        finally:
+            if speak:
+                await sink.close(ok)
+        metrics.total_ms = metrics.elapsed_ms()
+        self._record_decoding(metrics)
+        logger.info("turn: %s", metrics.summary())
+        return "".join(parts)
+
+    def _record_decoding(self, metrics: TurnMetrics) -> None:
+        answer = self.llm.last_answer
+        if answer is None:
+            return
+        stats = answer.stats
+        metrics.speculative = stats.drafted > 0 or (self.llm.can_speculate and self.llm.config.speculative)
+        metrics.prompt_tokens = stats.prompt_tokens
+        metrics.prefill_tokens = stats.prefill_tokens
+        metrics.answer_tokens = stats.new_tokens
+        metrics.tokens_per_s = stats.tokens_per_s
+        metrics.acceptance_rate = stats.acceptance_rate
+        metrics.mean_accepted = stats.mean_accepted
+        metrics.accept_counts = list(stats.accept_counts)
+
+
+def _synthesize_all(synthesizer: Synthesizer, text: str) -> list[np.ndarray]:
+    return list(synthesizer.synthesize(text))
+
+
+async def load_assistant(config: Config, need_asr: bool = True, need_tts: bool = True, speculative: bool | None = None) -> Assistant:
+    """Resolve every configured model, then load them side by side in worker threads.
+
+    Resolution (and so any first-run assembly or conversion) happens before loading, so
+    a missing package fails in seconds rather than after a minute of loading.
+    """
+    from voice import models
+    from voice.llm.loading import load_models, resolve_dtype
+
+    started = time.monotonic()
+    cache = models.cache_root(config.cache_dir)
+    use_draft = config.llm.speculative if speculative is None else speculative
+    target = await asyncio.to_thread(models.resolve_llm, config.llm.target, cache)
+    draft = await asyncio.to_thread(models.resolve_llm, config.llm.draft, cache) if use_draft else None
+    whisper = await asyncio.to_thread(models.resolve_whisper, config.asr.model, cache) if need_asr else None
+    voice_path = await asyncio.to_thread(models.resolve_piper, config.tts.voice, cache) if need_tts else None
+
+    dtype = resolve_dtype(config.llm.dtype)
+    llm_task = asyncio.to_thread(load_models, target, draft, dtype, config.allow_download)
+    asr_task = asyncio.to_thread(Recognizer, whisper[0], config.asr, not config.allow_download) if whisper else _none()
+    tts_task = asyncio.to_thread(Synthesizer, voice_path, config.tts) if voice_path else _none()
+    loaded, recognizer, synthesizer = await asyncio.gather(llm_task, asr_task, tts_task)
+    llm_config = config.llm
+    if speculative is not None and speculative != llm_config.speculative:
+        from dataclasses import replace
+
+        llm_config = replace(llm_config, speculative=speculative)
+    llm = LanguageModelStage(loaded, llm_config)
+    logger.info("Ready in %.1f s", time.monotonic() - started)
+    return Assistant(config, llm, recognizer, synthesizer)
+
+
+async def _none() -> None:
+    return None
