@@ -3,7 +3,8 @@
 Whisper transcribes whatever it is given: on silence or noise it often invents a phrase
 such as "Thank you." Three gates stand before a transcript reaches the language model:
 
-1. webrtcvad must hear a continuous stretch of speech of at least ``min_speech_ms``;
+1. webrtcvad must hear a continuous stretch of speech of at least ``min_speech_ms``
+   in the peak-normalized audio;
 2. faster-whisper's Silero VAD filter must keep some audio;
 3. each segment must pass Whisper's own signals (no-speech probability with low
    confidence, compression ratio), and a transcript made only of a known phantom phrase
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from voice.asr.phantoms import is_phantom_phrase
-from voice.audio.vad import longest_voiced_run_ms
+from voice.audio.vad import longest_voiced_run_ms, normalize_peak
 from voice.config import AsrConfig
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Recognizer:
     def transcribe(self, audio: np.ndarray) -> Transcript:
         """Transcribe 16 kHz mono float32 audio; blocking, so call it from a worker thread."""
         duration_s = len(audio) / 16_000
-        voiced_ms = longest_voiced_run_ms(audio, self.config.vad_aggressiveness)
+        voiced_ms = longest_voiced_run_ms(normalize_peak(audio), self.config.vad_aggressiveness)
         if voiced_ms < self.config.min_speech_ms:
             return Transcript("", f"no speech: {voiced_ms} ms voiced (webrtcvad)", duration_s, voiced_ms)
 

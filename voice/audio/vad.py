@@ -16,6 +16,20 @@ def to_pcm16(samples: np.ndarray) -> bytes:
     return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
 
 
+def normalize_peak(samples: np.ndarray, peak: float = 0.5, max_gain_db: float = 30.0) -> np.ndarray:
+    """Scale audio so its peak reaches ``peak``, amplifying by at most ``max_gain_db``.
+
+    webrtcvad's decisions depend on level: speech peaking at -30 dBFS passed as only
+    210 ms of voiced audio, and 1440 ms once normalized. The gain cap keeps a near-silent
+    line from being raised into loud noise.
+    """
+    current = float(np.max(np.abs(samples))) if samples.size else 0.0
+    if current == 0.0:
+        return samples
+    gain = min(peak / current, 10.0 ** (max_gain_db / 20.0))
+    return (samples * gain).astype(np.float32)
+
+
 def voiced_frames(samples: np.ndarray, aggressiveness: int) -> np.ndarray:
     """Return one bool per 30 ms frame of 16 kHz audio: True where webrtcvad hears speech."""
     vad = webrtcvad.Vad(aggressiveness)
