@@ -18,7 +18,7 @@ from voice.errors import VoiceError
 
 logger = logging.getLogger("voice")
 
-# Exit code of ``voice respond`` when the recording holds no speech: not a failure of
+# Exit code of ``voice respond`` when the recording contains no speech: not a failure of
 # the program, but a caller waiting for a reply file must learn that none will come.
 EXIT_NO_SPEECH = 6
 EXIT_INTERRUPTED = 130

@@ -62,7 +62,7 @@ class LlmConfig:
     """Draft model with the target's tokenizer: embedded name, folder or Hugging Face id."""
     speculative: bool = True
     """False decodes with the target alone (for comparison); the draft is then not loaded."""
-    draft_tokens: int = field(default=4, metadata={"range": (1, 16)})
+    draft_tokens: int = field(default=2, metadata={"range": (1, 16)})
     """Tokens the draft proposes per verification pass (k)."""
     max_new_tokens: int = field(default=120, metadata={"range": (1, 4096)})
     """Upper bound on the tokens of one answer."""
@@ -92,7 +92,7 @@ class TtsConfig:
     first_chunk_min_words: int = field(default=3, metadata={"range": (1, 50)})
     """Words the first spoken chunk needs before it may end at a comma."""
     max_chunk_chars: int = field(default=220, metadata={"range": (20, 2000)})
-    """Longest text handed to piper at once (characters)."""
+    """Maximum text handed to piper at once (characters)."""
 
 
 @dataclass
@@ -103,7 +103,7 @@ class Config:
     allow_download: bool = False
     """Let Hugging Face ids download missing model files; off keeps the program offline."""
     cache_dir: str = ""
-    """Where converted models are kept; empty means $XDG_CACHE_HOME/voice or ~/.cache/voice."""
+    """Folder for converted models; empty means $XDG_CACHE_HOME/voice or ~/.cache/voice."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

@@ -213,7 +213,8 @@ async def load_assistant(config: Config, need_asr: bool = True, need_tts: bool =
 
         llm_config = replace(llm_config, speculative=speculative)
     llm = LanguageModelStage(loaded, llm_config)
-    logger.info("Ready in %.1f s", time.monotonic() - started)
+    prefix_tokens = await asyncio.to_thread(llm.warm_up)
+    logger.info("Ready in %.1f s (system prompt of %d tokens prefilled)", time.monotonic() - started, prefix_tokens)
     return Assistant(config, llm, recognizer, synthesizer)
 
 

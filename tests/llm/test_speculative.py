@@ -170,3 +170,16 @@ def test_speculative_without_draft_rejected():
     decoder = SpeculativeDecoder(tiny_qwen2(seed=17), None, NO_EOS)
     with pytest.raises(ValueError, match="draft model"):
         list(decoder.generate([1, 2], 5, speculative=True))
+
+
+def test_prefill_ahead_leaves_only_new_tokens():
+    target = tiny_qwen2(seed=18)
+    decoder = SpeculativeDecoder(target, perturbed_copy(target, 0.3, seed=19), NO_EOS, draft_tokens=2)
+    prefix = [4, 8, 15, 16, 23, 42]
+    decoder.prefill(prefix)
+    assert decoder.target.ids == prefix
+    assert decoder.draft.ids == prefix
+    prompt = prefix + [7, 9]
+    assert speculative_greedy(decoder, prompt, 12) == plain_greedy(target, prompt, 12)
+    assert decoder.stats.prefill_tokens == 2
+    assert_cache_matches_fresh_prefill(decoder)

@@ -1,4 +1,4 @@
-"""Where reply audio goes: a WAV file, the speaker, or nowhere."""
+"""Destinations for reply audio: a WAV file, the speaker, or none."""
 
 from __future__ import annotations
 

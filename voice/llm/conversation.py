@@ -54,6 +54,15 @@ class Conversation:
                 )
         return list(ids)
 
+    def shared_prefix_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """Return the tokens that open every first-turn prompt: the system prompt and its framing."""
+        first = self.prompt_ids(tokenizer, "a", max_prompt_tokens=1_000_000)
+        second = self.prompt_ids(tokenizer, "z", max_prompt_tokens=1_000_000)
+        common = 0
+        while common < min(len(first), len(second)) and first[common] == second[common]:
+            common += 1
+        return first[:common]
+
     def add(self, user_text: str, assistant_text: str) -> None:
         self.history.append(Exchange(user_text, assistant_text))
         if self.max_history_turns and len(self.history) > self.max_history_turns:

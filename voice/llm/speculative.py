@@ -11,7 +11,7 @@ Speculative Decoding"):
 - rollback: both KV caches are cut back to the verified tokens.
 
 With greedy decoding every emitted token is the target's argmax given the verified
-prefix, so the output is token for token what the target alone produces; the draft only
+prefix, so the output is token for token what the target alone produces. The draft only
 changes how many target passes that takes. Plain decoding (one target pass per token)
 shares the same prefill, caches and stop handling, for comparison.
 """
@@ -100,6 +100,19 @@ class SpeculativeDecoder:
         self.target.clear()
         if self.draft is not None:
             self.draft.clear()
+
+    def prefill(self, ids: list[int]) -> None:
+        """Feed ``ids`` into both caches ahead of time, such as the system prompt at start.
+
+        A later prompt that starts with ``ids`` then only runs its remaining tokens.
+        """
+        for cache in (self.target, self.draft):
+            if cache is None:
+                continue
+            cache.reuse_prefix(ids + [0])  # the extra id lets reuse keep all of ``ids``
+            missing = ids[len(cache) :]
+            if missing:
+                _forward(cache, missing, logits_to_keep=1)
 
     def generate(
         self,
@@ -193,7 +206,7 @@ class SpeculativeDecoder:
         verify_started = time.perf_counter()
         stats.draft_s += verify_started - started
 
-        # verify: row i holds the target's logits after the prefix ids + draft_ids[:i].
+        # verify: row i contains the target's logits after the prefix ids + draft_ids[:i].
         target_logits = _forward(target, ids[len(target) :] + draft_ids, logits_to_keep=len(draft_ids) + 1)
         target_ids = target_logits.argmax(dim=-1).tolist()  # (len(draft_ids) + 1,)
         stats.verify_s += time.perf_counter() - verify_started
@@ -210,8 +223,8 @@ class SpeculativeDecoder:
         # draft was rejected, a bonus token where all were accepted).
         new_tokens = draft_ids[:accepted] + [target_ids[accepted]]
 
-        # rollback: keep only positions whose tokens were verified. The target holds
-        # ids + every draft; the draft holds ids + all but its last proposal.
+        # rollback: keep only positions whose tokens were verified. The target contains
+        # ids + every draft, and the draft contains ids + all but its last proposal.
         target.rollback(base + accepted)
         draft.rollback(min(len(draft), base + accepted))
         return new_tokens
