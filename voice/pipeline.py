@@ -171,7 +171,7 @@ class Assistant:
         if answer is None:
             return
         stats = answer.stats
-        metrics.speculative = stats.drafted > 0 or (self.llm.can_speculate and self.llm.config.speculative)
+        metrics.speculative = answer.speculative
         metrics.prompt_tokens = stats.prompt_tokens
         metrics.prefill_tokens = stats.prefill_tokens
         metrics.answer_tokens = stats.new_tokens

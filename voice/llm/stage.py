@@ -34,6 +34,8 @@ class Answer:
     text: str
     token_ids: list[int]
     stats: DecodeStats
+    speculative: bool
+    """Whether the draft model proposed tokens for this answer."""
 
 
 class LanguageModelStage:
@@ -94,7 +96,7 @@ class LanguageModelStage:
                 yield rest
         finally:
             text = detokenizer.text.strip()
-            self.last_answer = Answer(detokenizer.text, detokenizer.ids, self.decoder.stats)
+            self.last_answer = Answer(detokenizer.text, detokenizer.ids, self.decoder.stats, speculative)
             self.conversation.add(user_text, text)
 
     async def _stream_tokens(self, prompt: list[int], speculative: bool) -> AsyncIterator[list[int]]:
