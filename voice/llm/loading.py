@@ -38,21 +38,25 @@ class LoadedModels:
     draft_model: PreTrainedModel | None
 
 
-def _load_model(source: str, hub: bool, allow_download: bool, dtype: torch.dtype, setting: str) -> PreTrainedModel:
+def _from_pretrained(loader, source: str, hub: bool, allow_download: bool, setting: str, **options):
+    """Call ``loader.from_pretrained`` and turn a missing or unreadable model into ModelError."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=hub and not allow_download)
+        return loader.from_pretrained(source, local_files_only=hub and not allow_download, **options)
     except OSError as error:
         if hub and not allow_download:
             raise ModelError(
                 f"{setting}: {source!r} is not in the local Hugging Face cache; download it first "
                 "or set allow_download: true in config.yaml"
-            ) from error
-        raise ModelError(f"{setting}: cannot load {source!r}: {error}") from error
-    return model.eval()
+            ) from None
+        raise ModelError(f"{setting}: cannot load {source!r}: {error}") from None
 
 
-def _load_tokenizer(source: str, hub: bool, allow_download: bool) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(source, local_files_only=hub and not allow_download)
+def _load_model(source: str, hub: bool, allow_download: bool, dtype: torch.dtype, setting: str) -> PreTrainedModel:
+    return _from_pretrained(AutoModelForCausalLM, source, hub, allow_download, setting, dtype=dtype).eval()
+
+
+def _load_tokenizer(source: str, hub: bool, allow_download: bool, setting: str) -> PreTrainedTokenizerBase:
+    return _from_pretrained(AutoTokenizer, source, hub, allow_download, setting)
 
 
 def check_draft_compatible(
@@ -85,11 +89,11 @@ def load_models(
 ) -> LoadedModels:
     """Load target (and draft) from resolved sources, each a (path or hub id, is_hub) pair."""
     started = time.monotonic()
-    tokenizer = _load_tokenizer(target[0], target[1], allow_download)
+    tokenizer = _load_tokenizer(target[0], target[1], allow_download, "llm.target")
     target_model = _load_model(target[0], target[1], allow_download, dtype, "llm.target")
     draft_model = None
     if draft is not None:
-        draft_tokenizer = _load_tokenizer(draft[0], draft[1], allow_download)
+        draft_tokenizer = _load_tokenizer(draft[0], draft[1], allow_download, "llm.draft")
         draft_model = _load_model(draft[0], draft[1], allow_download, dtype, "llm.draft")
         check_draft_compatible(tokenizer, draft_tokenizer, target_model, draft_model)
     logger.info("Loaded language models in %.1f s (%s)", time.monotonic() - started, str(dtype).removeprefix("torch."))
