@@ -138,3 +138,68 @@ def test_respond_answers_question_end_to_end(tmp_path):
     samples, rate = read_wav(reply)
     assert len(samples) / rate > 0.5
     assert [name for name in os.listdir(tmp_path) if name != "reply.wav"] == []
+
+
+def test_respond_rejects_output_inside_a_file(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    result = run_voice("respond", str(FIXTURES / "en_ps_goforward.wav"), "--output", str(blocker / "reply.wav"))
+    assert_clean_failure(result, 4, "is a file, not a folder")
+
+
+def test_respond_rejects_empty_output_path(tmp_path):
+    result = run_voice("respond", str(FIXTURES / "en_ps_goforward.wav"), "--output", "")
+    assert_clean_failure(result, 4, "Output path is empty")
+
+
+def test_respond_without_sound_device_fails_before_loading(tmp_path):
+    # The test machines have no sound card, so the speaker is missing; the check must
+    # come before the models load (seconds, not a minute).
+    result = run_voice("respond", str(FIXTURES / "en_ps_goforward.wav"), timeout=120)
+    if result.returncode == 0:
+        pytest.skip("this machine has a default output device")
+    assert_clean_failure(result, 5, "output device", "voice devices", "--output")
+    assert "Loaded" not in result.stderr
+
+
+def test_config_option_accepted_after_command(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("llm:\n  draft_tokens: 99\n")
+    result = run_voice("respond", str(FIXTURES / "en_ps_goforward.wav"), "--config", str(config), "-o", str(tmp_path / "r.wav"))
+    assert_clean_failure(result, 2, "llm.draft_tokens")
+
+
+@pytest.mark.slow
+def test_sigterm_discards_partial_reply(tmp_path):
+    import signal
+    import time
+
+    reply = tmp_path / "reply.wav"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "voice", "respond", str(FIXTURES / "en_piper_boil_egg_pinknoise.wav"), "--output", str(reply)],
+        cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    # The transcript line comes right before decoding starts; a moment later the reply
+    # file is being written.
+    deadline = time.monotonic() + 600
+    line = ""
+    while time.monotonic() < deadline and not line.startswith("You:"):
+        line = process.stdout.readline()
+        assert line or process.poll() is None, process.stderr.read()
+    time.sleep(2.0)
+    assert process.poll() is None
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "Terminated." in stderr
+    assert "Traceback" not in stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_say_long_unpunctuated_text_in_chunks(tmp_path):
+    out = tmp_path / "long.wav"
+    words = " ".join(["lights"] * 150)
+    result = run_voice("say", words, "--output", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    samples, rate = read_wav(out)
+    assert len(samples) / rate > 20.0

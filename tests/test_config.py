@@ -83,3 +83,21 @@ def test_missing_model_path_rejected_at_load(tmp_path, text, expected):
     assert str(path) in str(error.value)
     assert expected in str(error.value)
     assert "embedded name" in str(error.value)
+
+
+def test_unknown_whisper_language_rejected(tmp_path):
+    path = write(tmp_path, "asr:\n  language: xx\n")
+    with pytest.raises(ConfigError, match="asr.language: 'xx' is not a Whisper language code"):
+        load_config(path)
+
+
+def test_empty_language_means_detect(tmp_path):
+    assert load_config(write(tmp_path, "asr:\n  language: ''\n")).asr.language == ""
+
+
+def test_cache_dir_that_is_a_file_rejected(tmp_path):
+    occupied = tmp_path / "occupied"
+    occupied.write_text("x")
+    path = write(tmp_path, f"cache_dir: {occupied}\n")
+    with pytest.raises(ConfigError, match="cache_dir: .* is a file, not a folder"):
+        load_config(path)

@@ -77,8 +77,25 @@ def test_local_llm_folder_without_config_rejected(tmp_path):
         models.resolve_llm(str(tmp_path), tmp_path / "cache")
 
 
-def test_hub_id_passed_through_for_llm(tmp_path):
-    assert models.resolve_llm("Qwen/Qwen2.5-0.5B-Instruct", tmp_path) == ("Qwen/Qwen2.5-0.5B-Instruct", True)
+def test_hub_id_passed_through_when_downloads_allowed(tmp_path):
+    assert models.resolve_llm("Qwen/Qwen2.5-0.5B-Instruct", tmp_path, allow_download=True) == ("Qwen/Qwen2.5-0.5B-Instruct", True)
+
+
+@pytest.mark.parametrize(
+    ("resolve", "setting"),
+    [
+        (lambda spec, cache: models.resolve_llm(spec, cache, setting="llm.draft"), "llm.draft"),
+        (lambda spec, cache: models.resolve_whisper(spec, cache), "asr.model"),
+    ],
+    ids=["llm", "whisper"],
+)
+def test_uncached_hub_id_rejected_before_loading(tmp_path, monkeypatch, resolve, setting):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelError) as error:
+        resolve("voice-tests/no-such-model", tmp_path)
+    assert f"{setting}: 'voice-tests/no-such-model' is not an embedded name" in str(error.value)
+    assert "allow_download: true" in str(error.value)
 
 
 def test_uncached_hub_id_fails_offline_with_hint(monkeypatch):

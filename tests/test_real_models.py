@@ -128,7 +128,7 @@ def test_non_speech_gets_no_answer(assistant, tmp_path, row):
     events = CollectingEvents()
     result = asyncio.run(assistant.respond_to_audio(load_speech(FIXTURES / row["file"]), WavFileSink(reply), events))
     assert not result.transcript.has_speech, result.transcript.text
-    assert result.transcript.reason.startswith("no speech")
+    assert result.transcript.reason
     assert result.answer == ""
     assert events.fragments == []
     assert not reply.exists()

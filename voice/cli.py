@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,29 +23,59 @@ logger = logging.getLogger("voice")
 # the program, but a caller waiting for a reply file must learn that none will come.
 EXIT_NO_SPEECH = 6
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM, so it unwinds like Ctrl-C: a partial reply is discarded."""
+
+
+def _raise_terminated(signal_number: int, frame) -> None:
+    raise Terminated()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="voice", description="Offline voice assistant with a speculative-decoding language model.")
-    parser.add_argument("--config", metavar="PATH", help="configuration file (default: ./config.yaml if present, else built-in defaults)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log DEBUG messages")
+    # The global options are accepted before and after the command name; SUPPRESS keeps
+    # a value given before the command from being reset by the command's default.
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="configuration file (default: ./config.yaml if present, else built-in defaults)")
+    options.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log DEBUG messages")
+
+    parser = argparse.ArgumentParser(prog="voice", parents=[options], description="Offline voice assistant with a speculative-decoding language model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    respond = commands.add_parser("respond", help="answer a spoken question from a WAV file")
-    respond.add_argument("input", metavar="QUESTION.wav", help="recording of the question: PCM or float WAV, any rate, mono or stereo")
+    def add_command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[options], help=summary, description=description)
+
+    respond = add_command(
+        "respond",
+        "answer a spoken question from a WAV file",
+        "Transcribe QUESTION.wav, answer it, and speak the answer to REPLY.wav or the speaker. "
+        "Exits with 6 and writes nothing when the recording contains no speech.",
+    )
+    respond.add_argument("input", metavar="QUESTION.wav", help="recording of the question: PCM or float WAV, any sample rate and channel count")
     respond.add_argument("-o", "--output", metavar="REPLY.wav", help="write the spoken answer here (default: play it on the speaker)")
     respond.add_argument("--no-speculation", action="store_true", help="decode with the target model alone, for comparison")
 
-    chat = commands.add_parser("chat", help="answer typed questions; one question per line, Ctrl-D ends")
+    chat = add_command(
+        "chat",
+        "answer typed questions; one question per line, Ctrl-D ends",
+        "Read questions from standard input, one per line, and stream each answer as text. "
+        "The conversation is kept, so follow-up questions work.",
+    )
     chat.add_argument("--speak", action="store_true", help="also speak each answer on the speaker")
     chat.add_argument("--no-speculation", action="store_true", help="decode with the target model alone, for comparison")
 
-    say = commands.add_parser("say", help="speak TEXT with the configured piper voice")
-    say.add_argument("text", metavar="TEXT")
+    say = add_command("say", "speak TEXT with the configured piper voice", "Speak TEXT with the configured piper voice, chunk by chunk.")
+    say.add_argument("text", metavar="TEXT", help="text to speak; markdown, URLs and emoji are removed first")
     say.add_argument("-o", "--output", metavar="OUT.wav", help="write the audio here (default: play it on the speaker)")
 
-    commands.add_parser("prepare", help="assemble, verify and convert the configured models into the cache, then exit")
-    commands.add_parser("devices", help="list sound devices with their default sample rates")
+    add_command(
+        "prepare",
+        "assemble, verify and convert the configured models into the cache, then exit",
+        "Assemble, verify and convert every configured model into the cache, so the first answer starts fast.",
+    )
+    add_command("devices", "list sound devices with their default sample rates", "List sound devices with their default sample rates.")
     return parser
 
 
@@ -86,15 +117,12 @@ class _PrintingEvents:
 
 
 async def _respond(config: Config, args: argparse.Namespace) -> int:
-    from voice.audio.sinks import SpeakerSink, WavFileSink
     from voice.audio.wav import load_speech
 
-    # Read and check the input (and the output folder) before importing torch or loading
-    # any model, so a typo fails in a second rather than after a minute.
+    # Read and check the input and the output before importing torch or loading any
+    # model, so a typo fails in a second rather than after a minute.
     audio = load_speech(args.input)
-    sink = WavFileSink(args.output) if args.output else SpeakerSink()
-    if args.output:
-        _check_output_path(Path(args.output))
+    sink = _output_sink(args.output, "or write to a file with --output")
 
     from voice.pipeline import load_assistant
 
@@ -102,7 +130,11 @@ async def _respond(config: Config, args: argparse.Namespace) -> int:
     assistant = await load_assistant(config, speculative=speculative)
     result = await assistant.respond_to_audio(audio, sink, _PrintingEvents(show_transcript=True), speculative)
     if not result.transcript.has_speech:
-        print(f"No speech detected in {args.input} ({result.transcript.reason}); no answer given.", file=sys.stderr)
+        print(
+            f"No speech detected in {args.input}, so nothing was answered: {result.transcript.reason}. "
+            "If it does contain a question, record it louder or closer to the microphone.",
+            file=sys.stderr,
+        )
         return EXIT_NO_SPEECH
     print(f"Timing: {result.metrics.summary()}", flush=True)
     if args.output:
@@ -110,13 +142,39 @@ async def _respond(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output_path(path: Path) -> None:
+def _output_sink(output: str | None, speaker_hint: str):
+    """Return the sink for ``--output`` (a WAV file) or the speaker, after checking it can work."""
+    from voice.audio.sinks import SpeakerSink, WavFileSink
+
+    if output is None:
+        sink = SpeakerSink(hint=speaker_hint)
+        sink.check()
+        return sink
+    _check_output_path(output)
+    return WavFileSink(output)
+
+
+def _check_output_path(output: str) -> None:
+    """Reject an output path that cannot be written, before any model loads."""
+    import tempfile
+
     from voice.errors import AudioInputError
 
+    if not output:
+        raise AudioInputError("Output path is empty: give a file name such as reply.wav with --output")
+    path = Path(output)
+    folder = path.parent
     if path.is_dir():
         raise AudioInputError(f"Output path {path} is a folder: give a file name such as {path / 'reply.wav'}")
-    if not path.parent.resolve().is_dir():
-        raise AudioInputError(f"Output folder {path.parent} does not exist: create it or choose another --output path")
+    if folder.exists() and not folder.is_dir():
+        raise AudioInputError(f"Output folder {folder} is a file, not a folder: choose another --output path")
+    if not folder.exists():
+        raise AudioInputError(f"Output folder {folder} does not exist: create it or choose another --output path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".voice-write-check."):
+            pass
+    except OSError as error:
+        raise AudioInputError(f"Output folder {folder} is not writable ({error.strerror}): choose another --output path") from None
 
 
 async def _chat(config: Config, args: argparse.Namespace) -> int:
@@ -124,6 +182,8 @@ async def _chat(config: Config, args: argparse.Namespace) -> int:
     from voice.pipeline import load_assistant
 
     speculative = False if args.no_speculation else None
+    if args.speak:
+        SpeakerSink(hint="or run voice chat without --speak").check()
     assistant = await load_assistant(config, need_asr=False, need_tts=args.speak, speculative=speculative)
     events = _PrintingEvents(show_transcript=False)
     interactive = sys.stdin.isatty()
@@ -136,7 +196,7 @@ async def _chat(config: Config, args: argparse.Namespace) -> int:
         question = line.strip()
         if not question:
             continue
-        sink = SpeakerSink() if args.speak else None
+        sink = SpeakerSink(hint="or run voice chat without --speak") if args.speak else None
         result = await assistant.respond_to_text(question, sink, events, speculative)
         print(f"Timing: {result.metrics.summary()}", flush=True)
 
@@ -145,26 +205,28 @@ async def _say(config: Config, args: argparse.Namespace) -> int:
     import time
 
     from voice import models
-    from voice.audio.sinks import SpeakerSink, WavFileSink
+    from voice.pipeline import _synthesize_all
     from voice.tts.synthesizer import Synthesizer
-    from voice.tts.text import clean_for_speech
+    from voice.tts.text import SpeechChunker
 
-    text = clean_for_speech(args.text)
-    if not text:
+    # The chunker cuts long text at sentences and clauses (at most tts.max_chunk_chars),
+    # so piper's memory stays bounded and the audio is written as each chunk is ready.
+    chunker = SpeechChunker(config.tts.first_chunk_min_words, config.tts.max_chunk_chars)
+    chunks = chunker.push(args.text) + chunker.flush()
+    if not chunks:
         raise VoiceError(f"Nothing to say: {args.text!r} has no speakable words")
-    if args.output:
-        _check_output_path(Path(args.output))
+    sink = _output_sink(args.output, "or write to a file with --output")
     voice_path = await asyncio.to_thread(models.resolve_piper, config.tts.voice, models.cache_root(config.cache_dir))
     synthesizer = await asyncio.to_thread(Synthesizer, voice_path, config.tts)
-    sink = WavFileSink(args.output) if args.output else SpeakerSink()
     started = time.perf_counter()
     await sink.open(synthesizer.sample_rate)
     ok = False
     seconds = 0.0
     try:
-        for samples in await asyncio.to_thread(lambda: list(synthesizer.synthesize(text))):
-            await sink.write(samples)
-            seconds += len(samples) / synthesizer.sample_rate
+        for chunk in chunks:
+            for samples in await asyncio.to_thread(_synthesize_all, synthesizer, chunk):
+                await sink.write(samples)
+                seconds += len(samples) / synthesizer.sample_rate
         ok = True
     finally:
         await sink.close(ok)
@@ -177,13 +239,13 @@ async def _prepare(config: Config, args: argparse.Namespace) -> int:
 
     cache = models.cache_root(config.cache_dir)
     steps = [
-        ("target", models.resolve_llm, config.llm.target),
-        ("draft", models.resolve_llm, config.llm.draft),
-        ("speech recognition", models.resolve_whisper, config.asr.model),
-        ("voice", models.resolve_piper, config.tts.voice),
+        ("target", config.llm.target, lambda: models.resolve_llm(config.llm.target, cache, config.allow_download, "llm.target")),
+        ("draft", config.llm.draft, lambda: models.resolve_llm(config.llm.draft, cache, config.allow_download, "llm.draft")),
+        ("speech recognition", config.asr.model, lambda: models.resolve_whisper(config.asr.model, cache, config.allow_download)),
+        ("voice", config.tts.voice, lambda: models.resolve_piper(config.tts.voice, cache)),
     ]
-    for role, resolve, spec in steps:
-        location = await asyncio.to_thread(resolve, spec, cache)
+    for role, spec, resolve in steps:
+        location = await asyncio.to_thread(resolve)
         print(f"{role}: {spec} -> {location[0] if isinstance(location, tuple) else location}", flush=True)
     return 0
 
@@ -216,9 +278,10 @@ async def _run(config: Config, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        config = _find_config(args.config)
-        _setup_logging(config, args.verbose)
+        config = _find_config(getattr(args, "config", None))
+        _setup_logging(config, getattr(args, "verbose", False))
         if not config.allow_download:
             # Keeps transformers and huggingface_hub from reaching for the network.
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -231,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     except VoiceError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
+    except Terminated:
+        print("Terminated.", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -184,7 +184,25 @@ def load_config(path: str | Path | None) -> Config:
     if config.llm.system_prompt.strip() == "":
         raise ConfigError(f"{path}: llm.system_prompt must not be empty")
     _check_model_paths(config, path)
+    _check_language(config, path)
+    if config.cache_dir and Path(config.cache_dir).expanduser().exists() and not Path(config.cache_dir).expanduser().is_dir():
+        raise ConfigError(f"{path}: cache_dir: {config.cache_dir!r} is a file, not a folder; name a folder or leave it empty")
     return config
+
+
+def _check_language(config: Config, path: Path) -> None:
+    """Reject a Whisper language code that faster-whisper would only reject mid-turn."""
+    if not config.asr.language:
+        return
+    try:
+        from faster_whisper.tokenizer import _LANGUAGE_CODES as codes
+    except ImportError:  # the private list moved; Whisper reports a bad code itself
+        return
+    if config.asr.language not in codes:
+        raise ConfigError(
+            f"{path}: asr.language: {config.asr.language!r} is not a Whisper language code; "
+            "use a code such as en, de or fr, or an empty string to detect the language"
+        )
 
 
 def _check_model_paths(config: Config, path: Path) -> None:
@@ -204,8 +222,8 @@ def _check_model_paths(config: Config, path: Path) -> None:
         if looks_like_path and not Path(value).expanduser().exists():
             raise ConfigError(
                 f"{path}: {key}: {value!r} not found; use an embedded name "
-                f"({', '.join(embedded_names(kind))}), {local}"
-                + ("" if kind == "piper" else ", or a Hugging Face id")
+                f"({', '.join(embedded_names(kind))})"
+                + (f" or {local}" if kind == "piper" else f", {local}, or a Hugging Face id")
             )
 
 

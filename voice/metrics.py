@@ -35,6 +35,8 @@ class TurnMetrics:
     """Draft tokens accepted per verification step."""
     accept_counts: list[int] = field(default_factory=list)
     """accept_counts[n]: verification steps that accepted exactly n draft tokens."""
+    spoken: bool = False
+    """Whether the answer was synthesized; False for text-only turns."""
     audio_s: float = 0.0
     """Duration of the spoken reply."""
 
@@ -58,7 +60,8 @@ class TurnMetrics:
             parts.append(f"acceptance {rate}, {mean} accepted/step")
         else:
             parts.append("speculation off")
-        parts.append(f"first audio {show(self.first_audio_ms)}")
+        if self.spoken:
+            parts.append(f"first audio {show(self.first_audio_ms)}")
         parts.append(f"total {show(self.total_ms)}")
         return " | ".join(parts)
 

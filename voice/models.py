@@ -300,7 +300,18 @@ def _local_path(spec: str) -> Path | None:
     return path if looks_like_path else None
 
 
-def resolve_llm(spec: str, cache: Path) -> tuple[str, bool]:
+def _check_hub_cache(spec: str, setting: str, fetch) -> None:
+    """Raise ModelError unless the hub id ``spec`` is in the local Hugging Face cache."""
+    try:
+        fetch(spec)
+    except Exception as error:  # huggingface_hub raises several types for a missing entry
+        raise ModelError(
+            f"{setting}: {spec!r} is not an embedded name, a local folder, or a model in the local "
+            f"Hugging Face cache ({type(error).__name__}); download it first or set allow_download: true in config.yaml"
+        ) from None
+
+
+def resolve_llm(spec: str, cache: Path, allow_download: bool = False, setting: str = "llm.target") -> tuple[str, bool]:
     """Return what ``from_pretrained`` should load for ``spec``, and whether it is a hub id."""
     if spec in EMBEDDED and EMBEDDED[spec].kind == "llm":
         return str(_prepared_folder(EMBEDDED[spec], cache)), False
@@ -309,10 +320,14 @@ def resolve_llm(spec: str, cache: Path) -> tuple[str, bool]:
         if not (path / "config.json").is_file():
             raise ModelError(f"Language model folder {path} has no config.json: give a transformers model folder or one of {embedded_names('llm')}")
         return str(path), False
+    if not allow_download:
+        from huggingface_hub import snapshot_download
+
+        _check_hub_cache(spec, setting, lambda repo: snapshot_download(repo, local_files_only=True))
     return spec, True
 
 
-def resolve_whisper(spec: str, cache: Path) -> tuple[str, bool]:
+def resolve_whisper(spec: str, cache: Path, allow_download: bool = False) -> tuple[str, bool]:
     """Return what ``WhisperModel`` should load for ``spec``, and whether it is a hub id."""
     if spec in EMBEDDED and EMBEDDED[spec].kind == "whisper":
         return str(_prepared_folder(EMBEDDED[spec], cache)), False
@@ -321,6 +336,10 @@ def resolve_whisper(spec: str, cache: Path) -> tuple[str, bool]:
         if not (path / "model.bin").is_file():
             raise ModelError(f"Whisper model folder {path} has no model.bin: give a CTranslate2 Whisper folder or one of {embedded_names('whisper')}")
         return str(path), False
+    if not allow_download:
+        from faster_whisper.utils import download_model
+
+        _check_hub_cache(spec, "asr.model", lambda repo: download_model(repo, local_files_only=True))
     return spec, True
 
 

@@ -85,7 +85,7 @@ class Assistant:
         events.on_transcript(transcript)
         if not transcript.has_speech:
             metrics.total_ms = metrics.elapsed_ms()
-            logger.info("turn: no speech detected (%s) | asr %d ms", transcript.reason, metrics.asr_ms)
+            logger.info("turn: no speech detected, because %s | asr %d ms", transcript.reason, metrics.asr_ms)
             return TurnResult(transcript, "", metrics)
         answer = await self._answer(transcript.text, sink, events, metrics, speculative)
         return TurnResult(transcript, answer, metrics)
@@ -110,6 +110,7 @@ class Assistant:
         speculative: bool | None,
     ) -> str:
         speak = sink is not None and self.synthesizer is not None
+        metrics.spoken = speak
         chunks: asyncio.Queue[str | None] = asyncio.Queue(_QUEUE_SIZE)
         audio: asyncio.Queue[np.ndarray | None] = asyncio.Queue(_QUEUE_SIZE)
         parts: list[str] = []
@@ -197,9 +198,9 @@ async def load_assistant(config: Config, need_asr: bool = True, need_tts: bool =
     started = time.monotonic()
     cache = models.cache_root(config.cache_dir)
     use_draft = config.llm.speculative if speculative is None else speculative
-    target = await asyncio.to_thread(models.resolve_llm, config.llm.target, cache)
-    draft = await asyncio.to_thread(models.resolve_llm, config.llm.draft, cache) if use_draft else None
-    whisper = await asyncio.to_thread(models.resolve_whisper, config.asr.model, cache) if need_asr else None
+    target = await asyncio.to_thread(models.resolve_llm, config.llm.target, cache, config.allow_download, "llm.target")
+    draft = await asyncio.to_thread(models.resolve_llm, config.llm.draft, cache, config.allow_download, "llm.draft") if use_draft else None
+    whisper = await asyncio.to_thread(models.resolve_whisper, config.asr.model, cache, config.allow_download) if need_asr else None
     voice_path = await asyncio.to_thread(models.resolve_piper, config.tts.voice, cache) if need_tts else None
 
     dtype = resolve_dtype(config.llm.dtype)

@@ -46,7 +46,7 @@ def test_speech_fixture_transcribed(recognizer, row):
 def test_non_speech_fixture_rejected(recognizer, row):
     transcript = recognizer.transcribe(load_speech(FIXTURES / row["file"]))
     assert transcript.text == ""
-    assert transcript.reason.startswith("no speech")
+    assert transcript.reason
 
 
 def test_white_noise_rejected(recognizer):
@@ -59,7 +59,7 @@ def test_short_click_rejected_before_whisper(recognizer):
     audio[8_000:8_080] = 0.9
     transcript = recognizer.transcribe(audio)
     assert not transcript.has_speech
-    assert "webrtcvad" in transcript.reason
+    assert "asr.min_speech_ms" in transcript.reason
 
 
 @pytest.mark.parametrize(

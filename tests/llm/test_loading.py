@@ -25,7 +25,7 @@ def test_matching_draft_accepted():
 
 
 def test_draft_with_other_tokenizer_rejected():
-    with pytest.raises(ModelError, match="llm.draft: the draft model's tokenizer differs from the target's"):
+    with pytest.raises(ModelError, match="llm.draft: the tokenizer of the draft model differs from the target's"):
         check_draft_compatible(vocabulary(96), vocabulary(96, renamed=5), tiny_qwen2(seed=1), tiny_qwen2(seed=2))
 
 

@@ -68,6 +68,8 @@ def test_identical_draft_accepts_every_token():
     assert stats.steps == 6
     assert stats.accept_counts[4] == 4
     assert stats.accept_counts[3] == 1
+    assert stats.draft_steps == 5
+    assert stats.mean_accepted == pytest.approx(19 / 5)
     assert_cache_matches_fresh_prefill(decoder)
 
 

@@ -37,7 +37,7 @@ class Transcript:
     text: str
     """Empty when no speech was found."""
     reason: str = ""
-    """Why the text is empty: which gate rejected the audio."""
+    """Why the text is empty: which gate rejected the audio, as a clause for messages."""
     duration_s: float = 0.0
     voiced_ms: int = 0
     segments: list[dict] = field(default_factory=list)
@@ -70,7 +70,7 @@ class Recognizer:
         duration_s = len(audio) / 16_000
         voiced_ms = longest_voiced_run_ms(normalize_peak(audio), self.config.vad_aggressiveness)
         if voiced_ms < self.config.min_speech_ms:
-            return Transcript("", f"no speech: {voiced_ms} ms voiced (webrtcvad)", duration_s, voiced_ms)
+            return Transcript("", f"the longest stretch of speech was {voiced_ms} ms, under asr.min_speech_ms ({self.config.min_speech_ms} ms)", duration_s, voiced_ms)
 
         segments, _info = self.model.transcribe(
             audio,
@@ -101,12 +101,12 @@ class Recognizer:
 
         text = " ".join(segment.text.strip() for segment in kept).strip()
         if not details:
-            return Transcript("", "no speech: Silero VAD found none", duration_s, voiced_ms)
+            return Transcript("", "the Silero voice activity detector found no speech", duration_s, voiced_ms)
         if not _has_words(text):
-            return Transcript("", "no speech: Whisper's no-speech signals", duration_s, voiced_ms, details)
+            return Transcript("", "Whisper rated every segment as non-speech", duration_s, voiced_ms, details)
         best_log_prob = max(segment.avg_logprob for segment in kept)
         if is_phantom_phrase(text) and best_log_prob < _PHANTOM_TRUSTED_LOG_PROB:
-            return Transcript("", f"no speech: {text!r} is a typical Whisper phantom phrase", duration_s, voiced_ms, details)
+            return Transcript("", f"{text!r} is a phrase Whisper invents on silence and noise, and it was not confident", duration_s, voiced_ms, details)
         return Transcript(text, "", duration_s, voiced_ms, details)
 
     def _is_noise(self, segment) -> bool:

@@ -60,22 +60,41 @@ class WavFileSink(AudioSink):
 class SpeakerSink(AudioSink):
     """Plays the reply through a sounddevice output stream."""
 
-    def __init__(self, device: int | str | None = None) -> None:
+    def __init__(self, device: int | str | None = None, hint: str = "") -> None:
         self.device = device
+        self.hint = hint
+        """The alternative the error messages offer, such as "or write to a file with --output"."""
         self._stream = None
+
+    def _device_name(self) -> str:
+        return "the default output device" if self.device is None else f"output device {self.device!r}"
+
+    def _sounddevice(self):
+        try:
+            import sounddevice
+        except OSError as error:  # PortAudio is missing
+            raise AudioDeviceError(f"Cannot play audio: {error}. Install PortAudio (apt-get install libportaudio2) {self.hint}".rstrip()) from None
+        return sounddevice
+
+    def check(self) -> None:
+        """Raise AudioDeviceError now if the output device does not exist, before models load."""
+        sounddevice = self._sounddevice()
+        try:
+            sounddevice.query_devices(self.device, kind="output")
+        except (sounddevice.PortAudioError, ValueError) as error:
+            problem = "No default output device was found" if self.device is None else f"Cannot use {self._device_name()}"
+            raise AudioDeviceError(f"{problem} (PortAudio: {error}). Run 'voice devices' to list devices, {self.hint}".rstrip(", ")) from None
 
     async def open(self, sample_rate: int) -> None:
         await super().open(sample_rate)
-        try:
-            import sounddevice
-        except OSError as error:  # PortAudio missing
-            raise AudioDeviceError(f"Cannot play audio: {error}. Install PortAudio (apt-get install libportaudio2) or write to a file with --output") from None
+        sounddevice = self._sounddevice()
         try:
             self._stream = sounddevice.OutputStream(samplerate=sample_rate, channels=1, dtype="float32", device=self.device)
             self._stream.start()
         except (sounddevice.PortAudioError, ValueError) as error:
-            name = "the default output device" if self.device is None else f"output device {self.device!r}"
-            raise AudioDeviceError(f"Cannot open {name} at {sample_rate} Hz: {error}. Run 'voice devices' to list devices, or write to a file with --output") from None
+            raise AudioDeviceError(
+                f"Cannot open {self._device_name()} at {sample_rate} Hz: {error}. Run 'voice devices' to list devices, {self.hint}".rstrip(", ")
+            ) from None
 
     async def write(self, samples: np.ndarray) -> None:
         # A blocking write paces the caller at the speed of playback.

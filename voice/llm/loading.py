@@ -64,6 +64,7 @@ def check_draft_compatible(
     draft_tokenizer: PreTrainedTokenizerBase,
     target_model: PreTrainedModel,
     draft_model: PreTrainedModel,
+    draft_name: str = "the draft model",
 ) -> None:
     """Raise ModelError unless the draft maps every id to the same token as the target.
 
@@ -71,12 +72,12 @@ def check_draft_compatible(
     target: output would stay correct, but acceptance would collapse silently.
     """
     if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
-        raise ModelError("llm.draft: the draft model's tokenizer differs from the target's; choose a draft from the target's model family")
+        raise ModelError(f"llm.draft: the tokenizer of {draft_name} differs from the target's; choose a draft from the target's model family")
     target_size = target_model.get_output_embeddings().weight.shape[0]
     draft_size = draft_model.get_output_embeddings().weight.shape[0]
     if target_size != draft_size:
         raise ModelError(
-            f"llm.draft: the draft model scores {draft_size} tokens and the target {target_size}; "
+            f"llm.draft: {draft_name} scores {draft_size} tokens and the target {target_size}; "
             "choose a draft with the same vocabulary size"
         )
 
@@ -95,7 +96,7 @@ def load_models(
     if draft is not None:
         draft_tokenizer = _load_tokenizer(draft[0], draft[1], allow_download, "llm.draft")
         draft_model = _load_model(draft[0], draft[1], allow_download, dtype, "llm.draft")
-        check_draft_compatible(tokenizer, draft_tokenizer, target_model, draft_model)
+        check_draft_compatible(tokenizer, draft_tokenizer, target_model, draft_model, repr(draft[0]))
     logger.info("Loaded language models in %.1f s (%s)", time.monotonic() - started, str(dtype).removeprefix("torch."))
     return LoadedModels(tokenizer, target_model, draft_model)
 

@@ -42,6 +42,8 @@ class DecodeStats:
     new_tokens: int = 0
     steps: int = 0
     """Target forward passes, the first one (prefill plus first token) included."""
+    draft_steps: int = 0
+    """Steps in which the draft proposed tokens (the first and budget-limited ones do not)."""
     drafted: int = 0
     accepted: int = 0
     accept_counts: list[int] = field(default_factory=list)
@@ -62,8 +64,8 @@ class DecodeStats:
 
     @property
     def mean_accepted(self) -> float | None:
-        """Draft tokens accepted per speculative step."""
-        return self.accepted / self.steps if self.steps and self.drafted else None
+        """Draft tokens accepted per step that drafted."""
+        return self.accepted / self.draft_steps if self.draft_steps else None
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -215,6 +217,7 @@ class SpeculativeDecoder:
         accepted = 0
         while accepted < len(draft_ids) and draft_ids[accepted] == target_ids[accepted]:
             accepted += 1
+        stats.draft_steps += 1
         stats.drafted += len(draft_ids)
         stats.accepted += accepted
         stats.accept_counts[accepted] += 1
