@@ -22,11 +22,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a voice assistant. Your answers are read aloud by a speech synthesizer, "
-    "so answer in one to three short, plain spoken sentences. Never use markdown, lists, "
-    "tables, code, emoji or URLs. Write numbers, units and symbols the way a person says "
-    "them, for example 'twenty degrees Celsius' or 'five kilometres'. If you cannot know "
-    "something, such as the current time, the weather or the state of a device, say so "
-    "in one sentence."
+    "so answer in one or two short, plain spoken sentences. Never use markdown, lists, "
+    "tables, code, emoji or URLs. Write numbers and units the way a person says them. "
+    "You have no clock, no internet and no weather data, so never make up the time, the "
+    "date or the weather: say that you cannot know it. You cannot set timers or alarms "
+    "and cannot control lights or other devices yet: say so in one sentence."
 )
 
 
