@@ -43,7 +43,7 @@ async def measure(limit: int | None) -> list[dict]:
         for row in rows:
             audio = load_speech(FIXTURES / row["file"])
             for speculative in (True, False):
-                assistant.llm.conversation.clear()
+                assistant.llm.new_conversation()
                 sink = WavFileSink(Path(folder) / "reply.wav")
                 result = await assistant.respond_to_audio(audio, sink, speculative=speculative)
                 metrics = result.metrics.as_dict()

@@ -185,3 +185,15 @@ def test_prefill_ahead_leaves_only_new_tokens():
     assert speculative_greedy(decoder, prompt, 12) == plain_greedy(target, prompt, 12)
     assert decoder.stats.prefill_tokens == 2
     assert_cache_matches_fresh_prefill(decoder)
+
+
+def test_prefill_rolls_back_to_shorter_prefix():
+    target = tiny_qwen2(seed=20)
+    decoder = SpeculativeDecoder(target, perturbed_copy(target, 0.3, seed=21), NO_EOS, draft_tokens=2)
+    prefix = [4, 8, 15]
+    decoder.prefill(prefix)
+    speculative_greedy(decoder, prefix + [16, 23, 42], 8)
+    decoder.prefill(prefix)
+    assert decoder.target.ids == prefix
+    assert decoder.draft.ids == prefix
+    assert_cache_matches_fresh_prefill(decoder)

@@ -68,6 +68,15 @@ class LanguageModelStage:
         self.decoder.prefill(prefix)
         return len(prefix)
 
+    def new_conversation(self) -> None:
+        """Forget the history and cut both caches back to the system prompt.
+
+        Clearing only the history would leave the previous turns in the caches, so
+        asking the same question again would reuse them and look faster than a new one.
+        """
+        self.conversation.clear()
+        self.warm_up()
+
     def prompt_ids(self, user_text: str) -> list[int]:
         limit = self.config.max_context_tokens - self.config.max_new_tokens
         return self.conversation.prompt_ids(self.tokenizer, user_text, limit)
