@@ -145,36 +145,14 @@ async def _respond(config: Config, args: argparse.Namespace) -> int:
 def _output_sink(output: str | None, speaker_hint: str):
     """Return the sink for ``--output`` (a WAV file) or the speaker, after checking it can work."""
     from voice.audio.sinks import SpeakerSink, WavFileSink
+    from voice.audio.wav import check_output_path
 
     if output is None:
         sink = SpeakerSink(hint=speaker_hint)
         sink.check()
         return sink
-    _check_output_path(output)
+    check_output_path(output, probe_write=True)
     return WavFileSink(output)
-
-
-def _check_output_path(output: str) -> None:
-    """Reject an output path that cannot be written, before any model loads."""
-    import tempfile
-
-    from voice.errors import AudioInputError
-
-    if not output:
-        raise AudioInputError("Output path is empty: give a file name such as reply.wav with --output")
-    path = Path(output)
-    folder = path.parent
-    if path.is_dir():
-        raise AudioInputError(f"Output path {path} is a folder: give a file name such as {path / 'reply.wav'}")
-    if folder.exists() and not folder.is_dir():
-        raise AudioInputError(f"Output folder {folder} is a file, not a folder: choose another --output path")
-    if not folder.exists():
-        raise AudioInputError(f"Output folder {folder} does not exist: create it or choose another --output path")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".voice-write-check."):
-            pass
-    except OSError as error:
-        raise AudioInputError(f"Output folder {folder} is not writable ({error.strerror}): choose another --output path") from None
 
 
 async def _chat(config: Config, args: argparse.Namespace) -> int:
@@ -205,7 +183,6 @@ async def _say(config: Config, args: argparse.Namespace) -> int:
     import time
 
     from voice import models
-    from voice.pipeline import _synthesize_all
     from voice.tts.synthesizer import Synthesizer
     from voice.tts.text import SpeechChunker
 
@@ -224,7 +201,7 @@ async def _say(config: Config, args: argparse.Namespace) -> int:
     seconds = 0.0
     try:
         for chunk in chunks:
-            for samples in await asyncio.to_thread(_synthesize_all, synthesizer, chunk):
+            for samples in await asyncio.to_thread(synthesizer.synthesize_all, chunk):
                 await sink.write(samples)
                 seconds += len(samples) / synthesizer.sample_rate
         ok = True

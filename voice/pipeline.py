@@ -137,7 +137,7 @@ class Assistant:
         async def synthesize() -> None:
             try:
                 while (chunk := await chunks.get()) is not None:
-                    for samples in await asyncio.to_thread(_synthesize_all, self.synthesizer, chunk):
+                    for samples in await asyncio.to_thread(self.synthesizer.synthesize_all, chunk):
                         await audio.put(samples)
             finally:
                 await audio.put(None)
@@ -180,10 +180,6 @@ class Assistant:
         metrics.acceptance_rate = stats.acceptance_rate
         metrics.mean_accepted = stats.mean_accepted
         metrics.accept_counts = list(stats.accept_counts)
-
-
-def _synthesize_all(synthesizer: Synthesizer, text: str) -> list[np.ndarray]:
-    return list(synthesizer.synthesize(text))
 
 
 async def load_assistant(config: Config, need_asr: bool = True, need_tts: bool = True, speculative: bool | None = None) -> Assistant:

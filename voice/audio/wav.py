@@ -7,6 +7,7 @@ import os
 import secrets
 import shlex
 import struct
+import tempfile
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,6 +336,35 @@ def load_speech(path: str | os.PathLike[str]) -> np.ndarray:
     return resample(to_mono(samples), sample_rate, SPEECH_SAMPLE_RATE)
 
 
+def check_output_path(path: str | os.PathLike[str], probe_write: bool = False) -> None:
+    """Raise AudioInputError unless a reply can be written to ``path``.
+
+    ``probe_write`` also creates and deletes a file in the folder, which finds a
+    read-only folder before any work is done.
+    """
+    if not str(path):
+        raise AudioInputError("Output path is empty: give a file name such as reply.wav with --output.")
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise AudioInputError(
+            f"Output path is a directory: {path}. Choose a file name inside it with --output, "
+            f"for example {path / 'reply.wav'}."
+        )
+    if folder.exists() and not folder.is_dir():
+        raise AudioInputError(f"Output folder {folder} is a file, not a folder. Choose another --output path.")
+    if not folder.is_dir():
+        raise AudioInputError(f"Output folder does not exist: {folder}. Create it or choose another --output path.")
+    if probe_write:
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".voice-write-check."):
+                pass
+        except OSError as error:
+            raise AudioInputError(
+                f"Output folder is not writable: {folder} ({error.strerror}). Choose another --output path."
+            ) from None
+
+
 class ReplyWavWriter:
     """Writer of a 16-bit PCM mono WAV file that grows as audio chunks arrive.
 
@@ -351,16 +381,8 @@ class ReplyWavWriter:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
         self.sample_rate = int(sample_rate)
 
-        folder = self.path.parent
-        if not folder.is_dir():
-            raise AudioInputError(f"Output folder does not exist: {folder}. Create it or choose another --output path.")
-        if self.path.is_dir():
-            raise AudioInputError(
-                f"Output path is a directory: {self.path}. Choose a file name inside it with --output, "
-                f"for example {self.path / 'reply.wav'}."
-            )
-
-        self._file = self._create_temp_file(folder)
+        check_output_path(self.path)
+        self._file = self._create_temp_file(self.path.parent)
         self._wave = wave.open(self._file, "wb")
         self._wave.setnchannels(1)
         self._wave.setsampwidth(2)

@@ -24,20 +24,20 @@ class TokenCache:
         """Drop every cached position at or after ``length``."""
         removed = len(self.ids) - length
         if removed < 0:
-            raise ValueError(f"cannot roll back to {length}: the cache holds only {len(self.ids)} tokens")
+            raise ValueError(f"cannot roll back to {length}: the cache contains only {len(self.ids)} tokens")
         if removed:
             # transformers 5 takes the number of positions to remove, as a negative count.
             self.kv.crop(-removed)
             del self.ids[length:]
 
-    def reuse_prefix(self, ids: list[int]) -> None:
+    def reuse_prefix(self, ids: list[int], keep_input: bool = True) -> None:
         """Keep the longest cached prefix of ``ids`` and drop the rest.
 
         A new turn of a conversation repeats the whole history, so only the new tokens
-        need a forward pass. At least one token of ``ids`` stays unfed, because the next
-        forward pass needs an input to produce logits from.
+        need a forward pass. With ``keep_input``, at least one token of ``ids`` stays
+        unfed, because the next forward pass needs an input to produce logits from.
         """
-        limit = min(len(self.ids), len(ids) - 1)
+        limit = min(len(self.ids), len(ids) - 1 if keep_input else len(ids))
         common = 0
         while common < limit and self.ids[common] == ids[common]:
             common += 1

@@ -111,7 +111,7 @@ class SpeculativeDecoder:
         for cache in (self.target, self.draft):
             if cache is None:
                 continue
-            cache.reuse_prefix(ids + [0])  # the extra id lets reuse keep all of ``ids``
+            cache.reuse_prefix(ids, keep_input=False)
             missing = ids[len(cache) :]
             if missing:
                 _forward(cache, missing, logits_to_keep=1)

@@ -135,8 +135,8 @@ class LanguageModelStage:
                     raise item
                 yield item
         finally:
-            # The decoder stops between steps, so the caches hold verified tokens only
-            # by the time the worker ends; the next turn must not start before that.
+            # The decoder stops between steps, so the caches contain only verified tokens
+            # once the worker ends. The next turn must not start before that.
             cancel.set()
             await asyncio.shield(worker)
 

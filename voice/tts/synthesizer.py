@@ -44,3 +44,7 @@ class Synthesizer:
         """Yield float32 mono audio in [-1, 1] at ``sample_rate``, one array per sentence."""
         for chunk in self.voice.synthesize(text, self.synthesis_config):
             yield chunk.audio_float_array
+
+    def synthesize_all(self, text: str) -> list[np.ndarray]:
+        """Return every audio chunk of ``text``, so one worker-thread call does the whole chunk."""
+        return list(self.synthesize(text))
