@@ -170,7 +170,7 @@ def test_draft_tokens_below_one_rejected():
 
 def test_speculative_without_draft_rejected():
     decoder = SpeculativeDecoder(tiny_qwen2(seed=17), None, NO_EOS)
-    with pytest.raises(ValueError, match="draft model"):
+    with pytest.raises(ValueError, match="needs a drafter"):
         list(decoder.generate([1, 2], 5, speculative=True))
 
 

@@ -14,7 +14,7 @@ class TokenCache:
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
-        self.kv = DynamicCache(config=model.config)
+        self.kv = _new_cache(model)
         self.ids: list[int] = []
 
     def __len__(self) -> int:
@@ -25,6 +25,13 @@ class TokenCache:
         removed = len(self.ids) - length
         if removed < 0:
             raise ValueError(f"cannot roll back to {length}: the cache contains only {len(self.ids)} tokens")
+        limit = self._rollback_limit()
+        if limit is not None and removed > limit:
+            # A full sliding-window layer keeps only its window plus the positions fed
+            # since its last crop, so it cannot go back further. Start over: the caller
+            # feeds ids[len(self):] again, as for any prompt the cache does not contain.
+            self.clear()
+            return
         if removed:
             # transformers 5 takes the number of positions to remove, as a negative count.
             self.kv.crop(-removed)
@@ -43,6 +50,25 @@ class TokenCache:
             common += 1
         self.rollback(common)
 
+    def _rollback_limit(self) -> int | None:
+        """Return how many positions every full sliding-window layer can still remove, or None without such layers."""
+        limits = [
+            layer.keys.shape[-2] - (layer.sliding_window - 1)
+            for layer in self.kv.layers
+            if getattr(layer, "is_sliding", False)
+            and layer.is_initialized
+            and layer.get_seq_length() >= layer.sliding_window
+        ]
+        return min(limits) if limits else None
+
     def clear(self) -> None:
-        self.kv = DynamicCache(config=self.model.config)
+        self.kv = _new_cache(self.model)
         self.ids = []
+
+
+def _new_cache(model: PreTrainedModel) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    # Sliding-window layers (Gemma, Mistral) can be cropped after they reach their window
+    # only while they record past states; other layers ignore the setting.
+    cache.activate_past_recording()
+    return cache

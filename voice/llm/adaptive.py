@@ -1,0 +1,131 @@
+"""Choice of the draft length k before each verification pass, from measured costs and acceptance.
+
+Drafting k tokens costs k draft passes plus a target pass over k + 1 tokens, and yields
+the accepted drafts plus one token of the target's. Under the usual model in which each
+draft token is accepted with probability a, independently of the others (Leviathan et
+al., 2022), a step with k drafts yields (1 - a^(k+1)) / (1 - a) tokens on average. The
+controller picks the k with the most expected tokens per second, and k = 0 (a plain
+target pass) when no drafting pays, so speculation does not fall far below plain decoding
+when the draft agrees poorly with the target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Weight of the older measurements after each new one: about the last 10 to 20 steps count.
+_DECAY = 0.9
+# Pseudo-observations that start the acceptance estimate at 0.6 per token, a typical
+# value for a same-family draft, until real steps outweigh them.
+_PRIOR_ACCEPTED = 1.2
+_PRIOR_REJECTED = 0.8
+_FIRST_PROBE_INTERVAL = 4
+_MAX_PROBE_INTERVAL = 64
+
+
+@dataclass
+class _Average:
+    """Exponentially weighted mean of a measured duration in seconds."""
+
+    value: float | None = None
+
+    def add(self, sample: float, decay: float = _DECAY) -> None:
+        self.value = sample if self.value is None else decay * self.value + (1 - decay) * sample
+
+
+class DraftLengthController:
+    """Picks k for each step; with ``adaptive`` off, k is always ``max_tokens``.
+
+    Costs come from ``calibrate`` and from the decoder's timings of every pass.
+    While drafting does not pay, a single-token probe runs after 4, then 8, 16, up to 64
+    skipped steps, so a rise in acceptance (a new prompt, a quoted phrase) is noticed at
+    little cost.
+    """
+
+    def __init__(self, max_tokens: int, adaptive: bool = True) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"max draft tokens must be at least 1, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self.adaptive = adaptive
+        self.verify_s = [_Average() for _ in range(max_tokens + 2)]
+        """verify_s[n]: seconds of a target pass over n new tokens (index 0 unused)."""
+        self.draft_s = _Average()
+        """Seconds per proposed draft token."""
+        self.accepted = _PRIOR_ACCEPTED
+        self.rejected = _PRIOR_REJECTED
+        self.skipped = 0
+        self.probe_interval = _FIRST_PROBE_INTERVAL
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated probability that the target accepts a draft token."""
+        return self.accepted / (self.accepted + self.rejected)
+
+    def calibrate(self, single_s: float, full_s: float, draft_token_s: float) -> None:
+        """Seed the costs: a 1-token and a (max_tokens + 1)-token target pass, and one draft token."""
+        self.verify_s[1].value = single_s
+        self.verify_s[self.max_tokens + 1].value = full_s
+        self.draft_s.value = draft_token_s
+
+    def choose(self, remaining: int) -> int:
+        """Return the number of tokens to draft when ``remaining`` tokens of the budget are left."""
+        limit = min(self.max_tokens, remaining - 1)
+        if limit <= 0:
+            return 0
+        if not self.adaptive:
+            return limit
+        best_k, best_rate = 0, self.expected_tokens(0) / self.step_seconds(0)
+        for k in range(1, limit + 1):
+            rate = self.expected_tokens(k) / self.step_seconds(k)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        if best_k:
+            self.skipped = 0
+            self.probe_interval = _FIRST_PROBE_INTERVAL
+            return best_k
+        self.skipped += 1
+        if self.skipped >= self.probe_interval:
+            self.skipped = 0
+            self.probe_interval = min(2 * self.probe_interval, _MAX_PROBE_INTERVAL)
+            return 1
+        return 0
+
+    def expected_tokens(self, k: int) -> float:
+        a = min(self.acceptance, 1 - 1e-9)
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def step_seconds(self, k: int) -> float:
+        draft = (self.draft_s.value or 0.0) * k
+        return draft + self.verify_seconds(k + 1)
+
+    def verify_seconds(self, tokens: int) -> float:
+        """Measured or interpolated seconds of a target pass over ``tokens`` tokens."""
+        known = [(n, average.value) for n, average in enumerate(self.verify_s) if average.value is not None]
+        if not known:
+            return 1.0  # no timing yet: only the relative costs of the choices matter
+        for n, value in known:
+            if n == tokens:
+                return value
+        below = [(n, value) for n, value in known if n < tokens]
+        above = [(n, value) for n, value in known if n > tokens]
+        if below and above:
+            (n0, v0), (n1, v1) = below[-1], above[0]
+            return v0 + (v1 - v0) * (tokens - n0) / (n1 - n0)
+        # Outside the measured range: assume the cost grows by 10% per extra token, a
+        # cautious slope that makes long drafts look expensive until they are measured.
+        n0, v0 = (below or above)[-1 if below else 0]
+        return v0 * math.pow(1.1, tokens - n0)
+
+    def record_verify(self, tokens: int, seconds: float) -> None:
+        """Record a target pass over ``tokens`` new tokens (the prefill excluded)."""
+        if 1 <= tokens < len(self.verify_s):
+            self.verify_s[tokens].add(seconds)
+
+    def record_draft(self, drafted: int, accepted: int, seconds: float) -> None:
+        """Record one drafting step: ``drafted`` proposals, ``accepted`` of them kept, in ``seconds``."""
+        if drafted <= 0:
+            return
+        self.draft_s.add(seconds / drafted)
+        self.accepted = _DECAY * self.accepted + accepted
+        self.rejected = _DECAY * self.rejected + (1 if accepted < drafted else 0)
