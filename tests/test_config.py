@@ -50,9 +50,20 @@ def test_float_field_accepts_integer(tmp_path):
         ("- a\n- b\n", "the top level must be a mapping"),
         ("llm:\n  draft_tokens: [1\n", "invalid YAML at line"),
         ("llm:\n  system_prompt: '  '\n", "llm.system_prompt must not be empty"),
+        ("llm:\n  temperature: -0.5\n", "llm.temperature must be a number from 0.0 to 10.0, got -0.5"),
+        ("llm:\n  top_p: 0\n", "llm.top_p must be above 0 and at most 1, got 0.0"),
+        ("llm:\n  top_p: 1.5\n", "llm.top_p must be a number from 0.0 to 1.0, got 1.5"),
+        ("llm:\n  top_k: -1\n", "llm.top_k must be an integer from 0"),
+        ("llm:\n  drafter: medusa\n", "llm.drafter must be one of 'model', 'prompt_lookup', 'gemma4_assistant'"),
+        ("llm:\n  draft_weights: int4\n", "llm.draft_weights must be one of 'dense', 'int8'"),
+        ("llm:\n  lookup_min_ngram: 4\n  lookup_max_ngram: 2\n", "llm.lookup_min_ngram (4) is above llm.lookup_max_ngram (2)"),
+        ("llm:\n  stop_strings: 'User:'\n", "llm.stop_strings must be a list of non-empty strings"),
+        ("llm:\n  stop_strings: ['']\n", "llm.stop_strings must be a list of non-empty strings"),
     ],
     ids=["unknown-nested", "unknown-top", "wrong-type", "below-range", "bool-for-int", "string-for-bool",
-         "bad-choice", "above-range", "vad-range", "section-not-mapping", "top-not-mapping", "bad-yaml", "empty-prompt"],
+         "bad-choice", "above-range", "vad-range", "section-not-mapping", "top-not-mapping", "bad-yaml", "empty-prompt",
+         "negative-temperature", "zero-top-p", "top-p-above-one", "negative-top-k", "unknown-drafter", "unknown-weights",
+         "lookup-range", "stop-not-list", "empty-stop"],
 )
 def test_invalid_config_names_file_and_key(tmp_path, text, expected):
     path = write(tmp_path, text)
@@ -101,3 +112,10 @@ def test_cache_dir_that_is_a_file_rejected(tmp_path):
     path = write(tmp_path, f"cache_dir: {occupied}\n")
     with pytest.raises(ConfigError, match="cache_dir: .* is a file, not a folder"):
         load_config(path)
+
+
+def test_sampling_and_stop_settings_load(tmp_path):
+    path = write(tmp_path, "llm:\n  temperature: 0.7\n  top_k: 40\n  top_p: 0.9\n  seed: 7\n  stop_strings: ['User:', '###']\n")
+    config = load_config(path)
+    assert (config.llm.temperature, config.llm.top_k, config.llm.top_p, config.llm.seed) == (0.7, 40, 0.9, 7)
+    assert config.llm.stop_strings == ["User:", "###"]

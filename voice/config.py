@@ -62,8 +62,39 @@ class LlmConfig:
     """Draft model with the target's tokenizer: embedded name, folder or Hugging Face id."""
     speculative: bool = True
     """False decodes with the target alone (for comparison); the draft is then not loaded."""
-    draft_tokens: int = field(default=2, metadata={"range": (1, 16)})
-    """Tokens the draft proposes per verification pass (k)."""
+    drafter: Literal["model", "prompt_lookup", "gemma4_assistant"] = "model"
+    """Source of proposed tokens: the draft model, n-gram lookup in the conversation (no
+    model), or a Gemma 4 assistant model (named by ``draft``) that reads the target's
+    KV cache."""
+    draft_tokens: int = field(default=4, metadata={"range": (1, 16)})
+    """Maximum tokens proposed per verification pass (k)."""
+    draft_min_confidence: float = field(default=0.3, metadata={"range": (0.0, 1.0)})
+    """The draft model stops proposing after a token to which it gives less probability
+    than this; 0 always proposes the full k."""
+    adaptive_draft: bool = True
+    """Pick k before each pass from the measured acceptance and pass costs, down to no
+    drafting where it does not pay; false always proposes draft_tokens."""
+    draft_vocab: int = field(default=32768, metadata={"range": (0, 1_000_000)})
+    """Tokens the draft model scores in its output layer, most frequent first; 0 scores
+    the whole vocabulary."""
+    draft_weights: Literal["dense", "int8"] = "int8"
+    """int8 quantizes the weights of the draft model's linear layers; its activations stay float32."""
+    draft_threads: int = field(default=0, metadata={"range": (0, 256)})
+    """torch CPU threads while the draft model runs; 0 uses the target's setting."""
+    lookup_max_ngram: int = field(default=3, metadata={"range": (1, 16)})
+    """Longest suffix (tokens) that prompt lookup searches for in the conversation."""
+    lookup_min_ngram: int = field(default=1, metadata={"range": (1, 16)})
+    """Shortest suffix (tokens) that prompt lookup may match."""
+    temperature: float = field(default=0.0, metadata={"range": (0.0, 10.0)})
+    """0 is greedy decoding; above 0 samples, exactly as the target alone would."""
+    top_k: int = field(default=0, metadata={"range": (0, 1_000_000)})
+    """Sample only among the k most likely tokens; 0 turns it off."""
+    top_p: float = field(default=1.0, metadata={"range": (0.0, 1.0)})
+    """Sample only among the most likely tokens whose probabilities add up to top_p; above 0, 1 turns it off."""
+    seed: int = field(default=-1, metadata={"range": (-1, 2**63 - 1)})
+    """Seed for sampling; the same seed and question give the same answer. -1 draws a new one."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Texts that end an answer where they first appear; they are not spoken."""
     max_new_tokens: int = field(default=120, metadata={"range": (1, 4096)})
     """Upper bound on the tokens of one answer."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -110,6 +141,8 @@ class Config:
 def _type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) is Literal:
         return "one of " + ", ".join(repr(choice) for choice in typing.get_args(annotation))
+    if annotation == list[str]:
+        return "a list of non-empty strings"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
 
 
@@ -124,6 +157,10 @@ def _convert(value: Any, annotation: Any, spec: dataclasses.Field, where: str) -
         if value not in typing.get_args(annotation):
             raise problem
         return value
+    if annotation == list[str]:
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            raise problem
+        return list(value)
     if annotation is bool:
         if not isinstance(value, bool):
             raise problem
@@ -183,11 +220,23 @@ def load_config(path: str | Path | None) -> Config:
     config = _build(Config, data, path)
     if config.llm.system_prompt.strip() == "":
         raise ConfigError(f"{path}: llm.system_prompt must not be empty")
+    _check_llm(config.llm, path)
     _check_model_paths(config, path)
     _check_language(config, path)
     if config.cache_dir and Path(config.cache_dir).expanduser().exists() and not Path(config.cache_dir).expanduser().is_dir():
         raise ConfigError(f"{path}: cache_dir: {config.cache_dir!r} is a file, not a folder; name a folder or leave it empty")
     return config
+
+
+def _check_llm(llm: LlmConfig, path: Path) -> None:
+    """Reject language-model settings that are valid one by one but not together."""
+    if llm.top_p <= 0:
+        raise ConfigError(f"{path}: llm.top_p must be above 0 and at most 1, got {llm.top_p!r}; use 1 to turn it off")
+    if llm.lookup_min_ngram > llm.lookup_max_ngram:
+        raise ConfigError(
+            f"{path}: llm.lookup_min_ngram ({llm.lookup_min_ngram}) is above llm.lookup_max_ngram "
+            f"({llm.lookup_max_ngram}); lower the minimum or raise the maximum"
+        )
 
 
 def _check_language(config: Config, path: Path) -> None:

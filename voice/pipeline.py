@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from voice.asr.recognizer import Recognizer, Transcript
 from voice.audio.sinks import AudioSink
-from voice.config import Config
+from voice.config import Config, LlmConfig
 from voice.llm.stage import LanguageModelStage
 from voice.metrics import TurnMetrics
 from voice.tts.synthesizer import Synthesizer
@@ -193,26 +195,32 @@ async def load_assistant(config: Config, need_asr: bool = True, need_tts: bool =
 
     started = time.monotonic()
     cache = models.cache_root(config.cache_dir)
-    use_draft = config.llm.speculative if speculative is None else speculative
+    llm_config = config.llm
+    if speculative is not None and speculative != llm_config.speculative:
+        llm_config = replace(llm_config, speculative=speculative)
+    use_draft = llm_config.speculative and llm_config.drafter != "prompt_lookup"
     target = await asyncio.to_thread(models.resolve_llm, config.llm.target, cache, config.allow_download, "llm.target")
     draft = await asyncio.to_thread(models.resolve_llm, config.llm.draft, cache, config.allow_download, "llm.draft") if use_draft else None
     whisper = await asyncio.to_thread(models.resolve_whisper, config.asr.model, cache, config.allow_download) if need_asr else None
     voice_path = await asyncio.to_thread(models.resolve_piper, config.tts.voice, cache) if need_tts else None
 
     dtype = resolve_dtype(config.llm.dtype)
-    llm_task = asyncio.to_thread(load_models, target, draft, dtype, config.allow_download)
+    draft_dtype = torch.float32 if config.llm.draft_weights == "int8" else dtype
+    draft_has_tokenizer = llm_config.drafter != "gemma4_assistant"
+    llm_task = asyncio.to_thread(load_models, target, draft, dtype, config.allow_download, draft_dtype, draft_has_tokenizer)
     asr_task = asyncio.to_thread(Recognizer, whisper[0], config.asr, not config.allow_download) if whisper else _none()
     tts_task = asyncio.to_thread(Synthesizer, voice_path, config.tts) if voice_path else _none()
     loaded, recognizer, synthesizer = await asyncio.gather(llm_task, asr_task, tts_task)
-    llm_config = config.llm
-    if speculative is not None and speculative != llm_config.speculative:
-        from dataclasses import replace
-
-        llm_config = replace(llm_config, speculative=speculative)
-    llm = LanguageModelStage(loaded, llm_config)
+    llm = await asyncio.to_thread(_language_model_stage, loaded, llm_config, cache)
     prefix_tokens = await asyncio.to_thread(llm.warm_up)
     logger.info("Ready in %.1f s (system prompt of %d tokens prefilled)", time.monotonic() - started, prefix_tokens)
     return Assistant(config, llm, recognizer, synthesizer)
+
+
+def _language_model_stage(loaded, config: LlmConfig, cache: Path) -> LanguageModelStage:
+    from voice.llm.loading import build_drafter
+
+    return LanguageModelStage(loaded, config, build_drafter(config, loaded, cache))
 
 
 async def _none() -> None:

@@ -7,12 +7,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from voice.errors import ModelError
-
-logger = logging.getLogger(__name__)
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from voice.config import LlmConfig
+from voice.errors import ModelError
+from voice.llm.conversation import Conversation
+from voice.llm.drafters import Drafter, ModelDrafter, PromptLookupDrafter, quantize_linear_int8
+from voice.llm.kernels import use_skinny_linear
+from voice.llm.vocab import load_draft_vocabulary
+
+logger = logging.getLogger(__name__)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -52,7 +57,9 @@ def _from_pretrained(loader, source: str, hub: bool, allow_download: bool, setti
 
 
 def _load_model(source: str, hub: bool, allow_download: bool, dtype: torch.dtype, setting: str) -> PreTrainedModel:
-    return _from_pretrained(AutoModelForCausalLM, source, hub, allow_download, setting, dtype=dtype).eval()
+    model = _from_pretrained(AutoModelForCausalLM, source, hub, allow_download, setting, dtype=dtype).eval()
+    use_skinny_linear(model)
+    return model
 
 
 def _load_tokenizer(source: str, hub: bool, allow_download: bool, setting: str) -> PreTrainedTokenizerBase:
@@ -82,23 +89,82 @@ def check_draft_compatible(
         )
 
 
+def load_tokenizer(source: str, hub: bool, allow_download: bool) -> PreTrainedTokenizerBase:
+    """Load the target's tokenizer alone, such as for building the draft vocabulary."""
+    return _load_tokenizer(source, hub, allow_download, "llm.target")
+
+
 def load_models(
     target: tuple[str, bool],
     draft: tuple[str, bool] | None,
     dtype: torch.dtype,
     allow_download: bool,
+    draft_dtype: torch.dtype | None = None,
+    draft_has_tokenizer: bool = True,
 ) -> LoadedModels:
-    """Load target (and draft) from resolved sources, each a (path or hub id, is_hub) pair."""
+    """Load target (and draft) from resolved sources, each a (path or hub id, is_hub) pair.
+
+    ``draft_dtype`` defaults to ``dtype``; an int8 draft is loaded in float32 first.
+    ``draft_has_tokenizer`` False skips the tokenizer comparison, for drafters such as
+    Gemma 4 assistants that ship no tokenizer and are checked against the target instead.
+    """
     started = time.monotonic()
     tokenizer = _load_tokenizer(target[0], target[1], allow_download, "llm.target")
     target_model = _load_model(target[0], target[1], allow_download, dtype, "llm.target")
     draft_model = None
     if draft is not None:
-        draft_tokenizer = _load_tokenizer(draft[0], draft[1], allow_download, "llm.draft")
-        draft_model = _load_model(draft[0], draft[1], allow_download, dtype, "llm.draft")
-        check_draft_compatible(tokenizer, draft_tokenizer, target_model, draft_model, repr(draft[0]))
+        draft_model = _load_model(draft[0], draft[1], allow_download, draft_dtype or dtype, "llm.draft")
+        if draft_has_tokenizer:
+            draft_tokenizer = _load_tokenizer(draft[0], draft[1], allow_download, "llm.draft")
+            check_draft_compatible(tokenizer, draft_tokenizer, target_model, draft_model, repr(draft[0]))
     logger.info("Loaded language models in %.1f s (%s)", time.monotonic() - started, str(dtype).removeprefix("torch."))
     return LoadedModels(tokenizer, target_model, draft_model)
+
+
+def draft_vocabulary(config: LlmConfig, tokenizer: PreTrainedTokenizerBase, size: int, cache: Path) -> torch.Tensor:
+    """Return the ``size`` token ids a reduced draft vocabulary keeps, from the table in ``cache``.
+
+    The table always contains the tokens of the chat template around the system prompt.
+    """
+    sample_prompt = Conversation(config.system_prompt, 0).prompt_ids(tokenizer, "a", 1_000_000)
+    try:
+        return load_draft_vocabulary(tokenizer, size, [tokenizer.decode(sample_prompt)], cache)
+    except ValueError as error:
+        raise ModelError(f"llm.draft_vocab: {error}") from None
+
+
+def build_drafter(config: LlmConfig, models: LoadedModels, cache: Path) -> Drafter | None:
+    """Return the drafter that ``config.drafter`` names, or None when speculation is off.
+
+    ``cache`` is the folder that contains the reduced draft vocabulary's table.
+    """
+    if not config.speculative:
+        return None
+    if config.drafter == "prompt_lookup":
+        return PromptLookupDrafter(config.lookup_max_ngram, config.lookup_min_ngram)
+    if models.draft_model is None:
+        raise ModelError(f"llm.drafter: {config.drafter} needs a draft model in llm.draft")
+    if config.drafter == "gemma4_assistant":
+        from voice.llm.gemma4 import Gemma4AssistantDrafter
+
+        try:
+            return Gemma4AssistantDrafter(models.draft_model, models.target_model)
+        except ValueError as error:
+            raise ModelError(f"llm.draft: {error}") from None
+    vocab_ids = None
+    if config.draft_vocab:
+        full_size = models.draft_model.get_output_embeddings().weight.shape[0]
+        if config.draft_vocab >= full_size:
+            raise ModelError(
+                f"llm.draft_vocab: {config.draft_vocab} is not below the draft's {full_size} output tokens; "
+                "use a smaller number or 0 for the whole vocabulary"
+            )
+        vocab_ids = draft_vocabulary(config, models.tokenizer, config.draft_vocab, cache)
+    drafter = ModelDrafter(models.draft_model, vocab_ids, config.draft_threads, config.draft_min_confidence)
+    if config.draft_weights == "int8":
+        seconds = quantize_linear_int8(models.draft_model)
+        logger.info("Quantized the draft's linear layers to int8 in %.1f s", seconds)
+    return drafter
 
 
 def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> set[int]:

@@ -18,8 +18,10 @@ import torch
 
 from voice.config import LlmConfig
 from voice.llm.conversation import Conversation
-from voice.llm.detokenize import IncrementalDetokenizer
+from voice.llm.detokenize import IncrementalDetokenizer, StopStrings
+from voice.llm.drafters import Drafter
 from voice.llm.loading import LoadedModels, eos_token_ids
+from voice.llm.sampling import Sampling
 from voice.llm.speculative import DecodeStats, SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
@@ -41,31 +43,37 @@ class Answer:
 class LanguageModelStage:
     """Answers questions with the target model, drafted by the draft model when enabled."""
 
-    def __init__(self, models: LoadedModels, config: LlmConfig) -> None:
+    def __init__(self, models: LoadedModels, config: LlmConfig, drafter: Drafter | None = None) -> None:
         self.models = models
         self.config = config
         self.tokenizer = models.tokenizer
         self.decoder = SpeculativeDecoder(
             models.target_model,
-            models.draft_model,
+            drafter,
             eos_token_ids(models.tokenizer, models.target_model),
             draft_tokens=config.draft_tokens,
+            adaptive=config.adaptive_draft,
         )
+        self.sampling = Sampling(config.temperature, config.top_k, config.top_p, config.seed if config.seed >= 0 else None)
+        self.stop = StopStrings(self.tokenizer, config.stop_strings)
         self.conversation = Conversation(config.system_prompt, config.max_history_turns)
         self.last_answer: Answer | None = None
 
     @property
     def can_speculate(self) -> bool:
-        return self.models.draft_model is not None
+        return self.decoder.drafter is not None
 
     def warm_up(self) -> int:
         """Prefill the prompt prefix every first turn shares (the system prompt); return its length.
 
         Without it the first question pays for the system prompt's prefill, about two
-        seconds for 100 tokens on a 2-core CPU in float32.
+        seconds for 100 tokens on a 2-core CPU in float32. With the adaptive draft length,
+        it also times the passes that the choice of k weighs against each other.
         """
         prefix = self.conversation.shared_prefix_ids(self.tokenizer)
         self.decoder.prefill(prefix)
+        if self.config.adaptive_draft and self.can_speculate:
+            self.decoder.calibrate()
         return len(prefix)
 
     def new_conversation(self) -> None:
@@ -92,21 +100,25 @@ class LanguageModelStage:
         speculative = speculative and self.can_speculate
         prompt = self.prompt_ids(user_text)
         detokenizer = IncrementalDetokenizer(self.tokenizer)
+        shown = ""
         try:
             # aclosing stops the decoder as soon as this generator is closed early,
             # instead of whenever the inner generator is garbage-collected.
             async with contextlib.aclosing(self._stream_tokens(prompt, speculative)) as token_stream:
                 async for tokens in token_stream:
-                    fragment = detokenizer.push(tokens)
-                    if fragment:
-                        yield fragment
-            rest = detokenizer.flush()
-            if rest:
-                yield rest
+                    detokenizer.push(tokens)
+                    visible = self.stop.visible(detokenizer.text, final=False)
+                    if len(visible) > len(shown):
+                        yield visible[len(shown) :]
+                        shown = visible
+            detokenizer.flush()
+            visible = self.stop.visible(detokenizer.text, final=True)
+            if len(visible) > len(shown):
+                yield visible[len(shown) :]
+                shown = visible
         finally:
-            text = detokenizer.text.strip()
-            self.last_answer = Answer(detokenizer.text, detokenizer.ids, self.decoder.stats, speculative)
-            self.conversation.add(user_text, text)
+            self.last_answer = Answer(shown, detokenizer.ids, self.decoder.stats, speculative)
+            self.conversation.add(user_text, shown.strip())
 
     async def _stream_tokens(self, prompt: list[int], speculative: bool) -> AsyncIterator[list[int]]:
         """Run the decoder in a worker thread and hand each verified batch to the event loop."""
@@ -118,7 +130,8 @@ class LanguageModelStage:
             if self.config.threads:
                 torch.set_num_threads(self.config.threads)
             try:
-                for tokens in self.decoder.generate(prompt, self.config.max_new_tokens, speculative, cancel):
+                steps = self.decoder.generate(prompt, self.config.max_new_tokens, speculative, cancel, self.sampling, self.stop or None)
+                for tokens in steps:
                     loop.call_soon_threadsafe(queue.put_nowait, tokens)
             except BaseException as error:  # handed to the consumer, which re-raises it
                 loop.call_soon_threadsafe(queue.put_nowait, error)
@@ -143,4 +156,5 @@ class LanguageModelStage:
     def generate_ids(self, prompt_ids: list[int], speculative: bool, max_new_tokens: int | None = None) -> list[int]:
         """Decode synchronously and return all verified ids (for tests and benchmarks)."""
         limit = max_new_tokens or self.config.max_new_tokens
-        return [token for step in self.decoder.generate(prompt_ids, limit, speculative) for token in step]
+        steps = self.decoder.generate(prompt_ids, limit, speculative, sampling=self.sampling, stop=self.stop or None)
+        return [token for step in steps for token in step]
