@@ -31,3 +31,14 @@ def assistant():
     from voice.pipeline import load_assistant
 
     return asyncio.run(load_assistant(Config()))
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The embedded target's tokenizer (assembles and converts the target on first use)."""
+    from transformers import AutoTokenizer
+
+    from voice import models
+
+    path, _ = models.resolve_llm("qwen2.5-coder-1.5b-instruct", models.cache_root())
+    return AutoTokenizer.from_pretrained(path)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from voice.config import Config, load_config
-from voice.errors import VoiceError
+from voice.errors import AudioInputError, ConfigError, VoiceError
 
 logger = logging.getLogger("voice")
 
@@ -76,7 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
         "Assemble, verify and convert every configured model into the cache, so the first answer starts fast.",
     )
     add_command("devices", "list sound devices with their default sample rates", "List sound devices with their default sample rates.")
+
+    bench = add_command("bench", "measure the pipeline's speed", "Benchmarks that print a table and write JSON and PNG reports.")
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    llm = benchmarks.add_parser(
+        "llm",
+        parents=[options],
+        help="compare plain decoding, each drafter and transformers on a fixed prompt set",
+        description="Decode a fixed set of spoken-assistant prompts with plain decoding, our speculative decoder "
+        "(each drafter) and transformers' assisted generation, interleaved in one run, and write "
+        "bench-llm.json and bench-llm.png.",
+    )
+    llm.add_argument("--prompts", type=int, metavar="N", help="use N prompts spread over the categories (default: all)")
+    llm.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="token limit per answer (default: 64)")
+    llm.add_argument("--modes", metavar="LIST", help="comma-separated modes (default: all): " + ", ".join(_bench_modes()))
+    llm.add_argument("--draft-vocab", type=int, metavar="N", help="output tokens of the draft-int8-vocab mode (default: llm.draft_vocab, or 32768 where that is 0)")
+    llm.add_argument("--output-dir", default=".", metavar="DIR", help="folder for bench-llm.json and bench-llm.png (default: .)")
     return parser
+
+
+def _bench_modes() -> tuple[str, ...]:
+    return ("plain", "draft", "draft-int8-vocab", "lookup", "transformers-assisted", "transformers-lookup")
 
 
 def _find_config(path: str | None) -> Config:
@@ -221,9 +241,18 @@ async def _prepare(config: Config, args: argparse.Namespace) -> int:
         ("speech recognition", config.asr.model, lambda: models.resolve_whisper(config.asr.model, cache, config.allow_download)),
         ("voice", config.tts.voice, lambda: models.resolve_piper(config.tts.voice, cache)),
     ]
+    locations = {}
     for role, spec, resolve in steps:
         location = await asyncio.to_thread(resolve)
+        locations[role] = location
         print(f"{role}: {spec} -> {location[0] if isinstance(location, tuple) else location}", flush=True)
+    if config.llm.drafter == "model" and config.llm.draft_vocab:
+        from voice.llm.loading import draft_vocabulary, load_tokenizer
+
+        target, is_hub = locations["target"]
+        tokenizer = await asyncio.to_thread(load_tokenizer, target, is_hub, config.allow_download)
+        ids = await asyncio.to_thread(draft_vocabulary, config.llm, tokenizer, config.llm.draft_vocab, cache)
+        print(f"draft vocabulary: {len(ids)} most frequent tokens", flush=True)
     return 0
 
 
@@ -248,8 +277,55 @@ def _devices() -> int:
     return 0
 
 
+async def _bench(config: Config, args: argparse.Namespace) -> int:
+    modes = args.modes.split(",") if args.modes else list(_bench_modes())
+    unknown = [mode for mode in modes if mode not in _bench_modes()]
+    if unknown:
+        raise ConfigError(f"--modes: unknown mode {unknown[0]!r}; choose from {', '.join(_bench_modes())}")
+    if args.prompts is not None and args.prompts < 1:
+        raise ConfigError(f"--prompts must be at least 1, got {args.prompts}")
+    if not 1 <= args.max_new_tokens <= 4096:
+        raise ConfigError(f"--max-new-tokens must be from 1 to 4096, got {args.max_new_tokens}")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise AudioInputError(f"--output-dir: {output_dir} is a file; name a folder")
+
+    from voice import models
+    from voice.bench import llm as bench_llm
+    from voice.llm.loading import draft_vocabulary, load_models, resolve_dtype
+
+    cache = models.cache_root(config.cache_dir)
+    needs_draft = any(mode in ("draft", "draft-int8-vocab", "transformers-assisted") for mode in modes)
+    target = await asyncio.to_thread(models.resolve_llm, config.llm.target, cache, config.allow_download, "llm.target")
+    draft = await asyncio.to_thread(models.resolve_llm, config.llm.draft, cache, config.allow_download, "llm.draft") if needs_draft else None
+    dtype = resolve_dtype(config.llm.dtype)
+    loaded = await asyncio.to_thread(load_models, target, draft, dtype, config.allow_download)
+    vocab_ids = None
+    if "draft-int8-vocab" in modes:
+        size = args.draft_vocab or config.llm.draft_vocab or 32768
+        vocab_ids = await asyncio.to_thread(draft_vocabulary, config.llm, loaded.tokenizer, size, cache)
+    if config.llm.threads:
+        import torch
+
+        torch.set_num_threads(config.llm.threads)
+    prompts = bench_llm.select_prompts(args.prompts)
+    print(f"Benchmarking {len(prompts)} prompts in {len(modes)} modes, interleaved ({', '.join(modes)})", flush=True)
+    # Runs in this thread: the benchmark is the only work, and torch's thread setting
+    # above applies to the thread that set it.
+    report = bench_llm.run_benchmark(loaded, config, modes, prompts, args.max_new_tokens, vocab_ids)
+    json_path, png_path = bench_llm.write_report(report, output_dir)
+    print(bench_llm.format_table(report))
+    print(
+        f"Best: {report['best_mode']}, {report['speedup_vs_plain'] or 0:.2f}x plain, "
+        f"{report['speedup_vs_transformers'] or 0:.2f}x transformers assisted; identical greedy output: "
+        f"{report['identical_greedy'] or 0:.0%}"
+    )
+    print(f"Wrote {json_path} and {png_path}")
+    return 0
+
+
 async def _run(config: Config, args: argparse.Namespace) -> int:
-    handlers = {"respond": _respond, "chat": _chat, "say": _say, "prepare": _prepare}
+    handlers = {"respond": _respond, "chat": _chat, "say": _say, "prepare": _prepare, "bench": _bench}
     return await handlers[args.command](config, args)
 
 

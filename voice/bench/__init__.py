@@ -1,0 +1,1 @@
+"""Benchmarks of the language-model stage: fixed prompts and reference decoders."""
