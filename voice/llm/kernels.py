@@ -3,11 +3,10 @@
 A verification pass feeds 2 to about 9 tokens through the target. For such inputs x of
 shape (rows, in), ``F.linear`` computes x @ W.T, and MKL's sgemm then repacks the large
 weight W on every call. On a 2-core AMD EPYC (AVX2), a 5-token pass of the 1.5B Qwen
-target took 1.1 to 1.2 s against 0.35 s for one token. Computing the same product as
-(W @ x.T).T lets MKL pack only the small x instead, and the 5-token pass took 0.66 to
-0.70 s (``docs/benchmarks.md`` has the measurement). Results differ from ``F.linear`` by
-rounding only (largest logit difference 3e-5 in that test), so greedy choices agree
-except at exact ties.
+target took 1.0 to 1.2 s against 0.35 s for one token. Computing the same product as
+(W @ x.T).T, with x row-major, lets MKL pack only the small x instead: the 5-token pass
+then took 0.44 to 0.45 s (``docs/measure_passes.py``). Results differ from ``F.linear``
+by rounding only, so greedy choices agree except at near-exact ties.
 """
 
 from __future__ import annotations
@@ -25,12 +24,15 @@ def _skinny_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tens
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not 2 <= rows <= MAX_SKINNY_ROWS:
         return torch.nn.functional.linear(x, self.weight, self.bias)
-    flat = x.reshape(rows, x.shape[-1]).T
+    # Both copies are of a few rows only. MKL is fast when x.T is a transposed view of a
+    # row-major x, and about 3 times slower when x.T itself is row-major, which is what an
+    # elementwise op on a transposed output would hand the next layer.
+    flat = x.reshape(rows, x.shape[-1]).contiguous().T
     if self.bias is None:
         product = torch.mm(self.weight, flat)
     else:
         product = torch.addmm(self.bias.unsqueeze(1), self.weight, flat)
-    return product.T.reshape(*x.shape[:-1], self.weight.shape[0])
+    return product.T.contiguous().reshape(*x.shape[:-1], self.weight.shape[0])
 
 
 def use_skinny_linear(model: torch.nn.Module) -> int:
