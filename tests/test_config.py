@@ -59,11 +59,12 @@ def test_float_field_accepts_integer(tmp_path):
         ("llm:\n  lookup_min_ngram: 4\n  lookup_max_ngram: 2\n", "llm.lookup_min_ngram (4) is above llm.lookup_max_ngram (2)"),
         ("llm:\n  stop_strings: 'User:'\n", "llm.stop_strings must be a list of non-empty strings"),
         ("llm:\n  stop_strings: ['']\n", "llm.stop_strings must be a list of non-empty strings"),
+        ("llm:\n  max_new_tokens: 2000\n", "llm.max_new_tokens (2000) leaves less than 128 tokens of llm.max_context_tokens (2048)"),
     ],
     ids=["unknown-nested", "unknown-top", "wrong-type", "below-range", "bool-for-int", "string-for-bool",
          "bad-choice", "above-range", "vad-range", "section-not-mapping", "top-not-mapping", "bad-yaml", "empty-prompt",
          "negative-temperature", "zero-top-p", "top-p-above-one", "negative-top-k", "unknown-drafter", "unknown-weights",
-         "lookup-range", "stop-not-list", "empty-stop"],
+         "lookup-range", "stop-not-list", "empty-stop", "no-room-for-prompt"],
 )
 def test_invalid_config_names_file_and_key(tmp_path, text, expected):
     path = write(tmp_path, text)

@@ -230,6 +230,11 @@ def load_config(path: str | Path | None) -> Config:
 
 def _check_llm(llm: LlmConfig, path: Path) -> None:
     """Reject language-model settings that are valid one by one but not together."""
+    if llm.max_new_tokens >= llm.max_context_tokens - 128:
+        raise ConfigError(
+            f"{path}: llm.max_new_tokens ({llm.max_new_tokens}) leaves less than 128 tokens of llm.max_context_tokens "
+            f"({llm.max_context_tokens}) for the system prompt and the question; lower the first or raise the second"
+        )
     if llm.top_p <= 0:
         raise ConfigError(f"{path}: llm.top_p must be above 0 and at most 1, got {llm.top_p!r}; use 1 to turn it off")
     if llm.lookup_min_ngram > llm.lookup_max_ngram:

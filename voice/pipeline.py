@@ -205,7 +205,8 @@ async def load_assistant(config: Config, need_asr: bool = True, need_tts: bool =
     voice_path = await asyncio.to_thread(models.resolve_piper, config.tts.voice, cache) if need_tts else None
 
     dtype = resolve_dtype(config.llm.dtype)
-    draft_dtype = torch.float32 if config.llm.draft_weights == "int8" else dtype
+    int8_draft = llm_config.drafter == "model" and llm_config.draft_weights == "int8"
+    draft_dtype = torch.float32 if int8_draft else dtype
     draft_has_tokenizer = llm_config.drafter != "gemma4_assistant"
     llm_task = asyncio.to_thread(load_models, target, draft, dtype, config.allow_download, draft_dtype, draft_has_tokenizer)
     asr_task = asyncio.to_thread(Recognizer, whisper[0], config.asr, not config.allow_download) if whisper else _none()

@@ -148,3 +148,35 @@ def test_target_forward_options_reach_target_and_observe():
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]
     assert decode(decoder, prompt, 12) == plain_greedy(target, prompt, 12)
     assert len(drafter.seen) == decoder.stats.steps
+
+
+def test_catch_up_time_reported_apart_from_draft_tokens():
+    drafter = ModelDrafter(tiny_qwen2(seed=49))
+    proposal = drafter.propose(list(range(1, 40)), 2, Sampling(), torch.Generator())
+    assert len(proposal.tokens) == 2
+    assert proposal.catch_up_seconds > 0
+    drafter.observe(list(range(1, 40)))
+    following = drafter.propose(list(range(1, 40)) + [proposal.tokens[0]], 2, Sampling(), torch.Generator())
+    assert following.catch_up_seconds == 0.0
+
+
+def test_failed_forward_pass_resets_caches():
+    target = tiny_qwen2(seed=52)
+    decoder = SpeculativeDecoder(target, perturbed_copy(target, 0.3, seed=53), NO_EOS, draft_tokens=3)
+    decoder.prefill([1, 2, 3])
+    calls = {"count": 0}
+    original = target.forward
+
+    def failing_forward(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise RuntimeError("simulated failure inside the model")
+        return original(*args, **kwargs)
+
+    target.forward = failing_forward
+    with pytest.raises(RuntimeError, match="simulated"):
+        decode(decoder, [1, 2, 3, 4, 5], 20)
+    assert decoder.target.ids == []
+    assert decoder.draft.ids == []
+    target.forward = original
+    assert decode(decoder, [1, 2, 3, 4, 5], 20) == plain_greedy(target, [1, 2, 3, 4, 5], 20)

@@ -76,7 +76,9 @@ class StopStrings:
         if not self.strings:
             return None
         # A match must end in the new text, so only the tail that could hold it is searched.
-        search_from = max(0, len(self._decode(generated)) - self._longest + 1)
+        # A character split across steps decodes as U+FFFD until complete, and the
+        # completed character then sits at that same index.
+        search_from = max(0, len(self._decode(generated).rstrip("\ufffd")) - self._longest + 1)
         for keep in range(1, len(new_ids) + 1):
             text = self._decode(generated + new_ids[:keep])
             if any(string in text[search_from:] for string in self.strings):

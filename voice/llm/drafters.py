@@ -41,6 +41,9 @@ class Proposal:
     distribution."""
     seconds: float = 0.0
     """Time the drafter took, set by the decoder."""
+    catch_up_seconds: float = 0.0
+    """Part of ``seconds`` spent feeding tokens the drafter had not seen, which the
+    adaptive draft length does not count as the cost of the proposed tokens."""
 
 
 class Drafter:
@@ -104,13 +107,15 @@ class ModelDrafter(Drafter):
         self.cache = TokenCache(model)
         self.threads = threads
         self.min_confidence = min_confidence
+        # Width of the probability rows handed to the acceptance test: the draft's full
+        # output layer, which the loader checks against the target's.
+        head = model.get_output_embeddings()
+        # A dynamically quantized linear layer returns its weight from a method.
+        self.vocab_size = (head.weight() if callable(head.weight) else head.weight).shape[0]
         self.vocab_ids = None
         if vocab_ids is not None:
             self.vocab_ids = vocab_ids.to(torch.long)
             restrict_output_layer(model, self.vocab_ids)
-        # Width of the probability rows handed to the acceptance test; the loader checks
-        # that it equals the target's output size.
-        self.vocab_size = model.config.get_text_config().vocab_size
 
     def reset(self) -> None:
         self.cache.clear()
@@ -131,7 +136,16 @@ class ModelDrafter(Drafter):
         # Normally a no-op after observe(); it also keeps a call with other ids correct.
         self.cache.reuse_prefix(ids)
         pending = ids[len(self.cache) :]
+        catch_up_seconds = 0.0
         with _torch_threads(self.threads):
+            if len(pending) > 1:
+                # Tokens the draft has not seen (the new prompt, or tokens decoded while
+                # drafting was off) go in one pass that is timed apart: it is not the
+                # cost of a draft token.
+                started = time.perf_counter()
+                forward_logits(self.cache, pending[:-1], logits_to_keep=1)
+                catch_up_seconds = time.perf_counter() - started
+                pending = pending[-1:]
             while len(tokens) < k:
                 logits = forward_logits(self.cache, pending, logits_to_keep=1)[-1]
                 if sampling.greedy:
@@ -149,7 +163,7 @@ class ModelDrafter(Drafter):
                 # would follow it: stop drafting after it.
                 if confidence < self.min_confidence:
                     break
-        return Proposal(tokens, torch.stack(rows) if rows else None)
+        return Proposal(tokens, torch.stack(rows) if rows else None, catch_up_seconds=catch_up_seconds)
 
     def observe(self, ids: list[int], target_output=None, row: int = -1) -> None:
         # The draft cache contains the verified ids plus every proposal but the last; keep the verified part.

@@ -17,7 +17,7 @@ import torch
 
 # Inputs with more rows (a prompt prefill) keep F.linear, whose packing cost is spread
 # over many rows.
-MAX_SKINNY_ROWS = 16
+MAX_SKINNY_ROWS = 17  # llm.draft_tokens allows 16 drafts plus the pending token
 
 
 def _skinny_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -198,7 +198,6 @@ class SpeculativeDecoder:
         self.stats = stats = DecodeStats(prompt_tokens=len(prompt_ids), accept_counts=[0] * (self.draft_tokens + 1))
         generator = sampling.generator()
         ids = list(prompt_ids)
-        generated: list[int] = []
 
         # The prompt is prefilled by the first step's target pass, which also yields the
         # first token: that step never drafts, so a draft model's own prefill (run by its
@@ -208,6 +207,34 @@ class SpeculativeDecoder:
             self.drafter.start(ids)
         stats.prefill_tokens = len(ids) - len(self.target)
 
+        try:
+            yield from self._decode_steps(ids, max_new_tokens, speculative, cancel, sampling, stop, generator, started)
+        except GeneratorExit:
+            raise  # closed at a yield, between steps: the caches hold verified tokens only
+        except BaseException:
+            # A pass interrupted inside the model (an error, Ctrl-C) may have appended keys
+            # and values to some layers only; start the next call from empty caches.
+            self.reset()
+            raise
+        stats.total_s = time.perf_counter() - started
+        logger.debug(
+            "generated %d tokens in %d steps (%s), drafted %d, accepted %d",
+            stats.new_tokens, stats.steps, stats.stop_reason, stats.drafted, stats.accepted,
+        )
+
+    def _decode_steps(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        speculative: bool,
+        cancel: threading.Event | None,
+        sampling: Sampling,
+        stop: StopStrings | None,
+        generator: torch.Generator,
+        started: float,
+    ) -> Iterator[list[int]]:
+        stats = self.stats
+        generated: list[int] = []
         while True:
             if cancel is not None and cancel.is_set():
                 stats.stop_reason = "cancelled"
@@ -236,11 +263,6 @@ class SpeculativeDecoder:
             if stop_reason:
                 stats.stop_reason = stop_reason
                 break
-        stats.total_s = time.perf_counter() - started
-        logger.debug(
-            "generated %d tokens in %d steps (%s), drafted %d, accepted %d",
-            stats.new_tokens, stats.steps, stats.stop_reason, stats.drafted, stats.accepted,
-        )
 
     def _apply_stops(
         self, generated: list[int], new_tokens: list[int], remaining: int, stop: StopStrings | None
@@ -314,6 +336,7 @@ class SpeculativeDecoder:
         pending = ids[len(target) :]
         started = time.perf_counter()
         target_logits, output = self._target_pass(pending + draft_ids, logits_to_keep=len(draft_ids) + 1)
+        target_logits = target_logits[-(len(draft_ids) + 1) :]
         verify_seconds = time.perf_counter() - started
         stats.verify_s += verify_seconds
         if len(pending) == 1:
@@ -332,7 +355,7 @@ class SpeculativeDecoder:
         stats.drafted += len(draft_ids)
         stats.accepted += accepted
         stats.accept_counts[accepted] += 1
-        self.controller.record_draft(len(draft_ids), accepted, proposal.seconds)
+        self.controller.record_draft(len(draft_ids), accepted, proposal.seconds - proposal.catch_up_seconds)
 
         # rollback: keep only positions whose tokens were verified.
         target.rollback(base + accepted)
