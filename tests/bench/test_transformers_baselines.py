@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import logging
 import warnings
 
@@ -271,10 +273,14 @@ def test_tokens_per_s_none_without_decode_time():
 
 def test_rss_readings_follow_allocation():
     before = current_rss_bytes()
-    buffer = torch.ones(RSS_TEST_BYTES // 4, dtype=torch.float32)  # written, so its pages are resident
+    # A fresh anonymous mapping: heap memory freed by earlier tests could already be
+    # resident and would not raise the reading. Writing every page makes it resident.
+    buffer = mmap.mmap(-1, RSS_TEST_BYTES)
+    for offset in range(0, RSS_TEST_BYTES, mmap.PAGESIZE):
+        buffer[offset] = 1
     during = current_rss_bytes()
     peak = peak_rss_bytes()
-    del buffer
+    buffer.close()
 
     assert before > 0
     assert during - before > RSS_TEST_BYTES * 0.9

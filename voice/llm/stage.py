@@ -109,13 +109,15 @@ class LanguageModelStage:
                     detokenizer.push(tokens)
                     visible = self.stop.visible(detokenizer.text, final=False)
                     if len(visible) > len(shown):
-                        yield visible[len(shown) :]
-                        shown = visible
+                        # Recorded before the yield: a consumer that closes the stream
+                        # there has still received this fragment.
+                        fragment, shown = visible[len(shown) :], visible
+                        yield fragment
             detokenizer.flush()
             visible = self.stop.visible(detokenizer.text, final=True)
             if len(visible) > len(shown):
-                yield visible[len(shown) :]
-                shown = visible
+                fragment, shown = visible[len(shown) :], visible
+                yield fragment
         finally:
             self.last_answer = Answer(shown, detokenizer.ids, self.decoder.stats, speculative)
             self.conversation.add(user_text, shown.strip())
