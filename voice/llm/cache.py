@@ -66,6 +66,10 @@ class TokenCache:
         self.ids = []
 
 
+# NOTE: with past recording on, a sliding-window layer only shrinks back to its window
+# when crop() runs, which happens on rollback; long runs of fully accepted or plain steps
+# let those layers grow past the window, costing memory and copy time. Only Gemma-style
+# models with sliding-window layers are affected; Qwen 2.5 has none.
 def _new_cache(model: PreTrainedModel) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     # Sliding-window layers (Gemma, Mistral) can be cropped after they reach their window
