@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from voice.bench import ALL_MODES
 from voice.config import Config, load_config
 from voice.errors import AudioInputError, ConfigError, VoiceError
 
@@ -89,14 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     llm.add_argument("--prompts", type=int, metavar="N", help="use N prompts spread over the categories (default: all)")
     llm.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="token limit per answer (default: 64)")
-    llm.add_argument("--modes", metavar="LIST", help="comma-separated modes (default: all): " + ", ".join(_bench_modes()))
+    llm.add_argument("--modes", metavar="LIST", help="comma-separated modes (default: all): " + ", ".join(ALL_MODES))
     llm.add_argument("--draft-vocab", type=int, metavar="N", help="output tokens of the draft-int8-vocab mode (default: llm.draft_vocab, or 32768 where that is 0)")
     llm.add_argument("--output-dir", default=".", metavar="DIR", help="folder for bench-llm.json and bench-llm.png (default: .)")
     return parser
-
-
-def _bench_modes() -> tuple[str, ...]:
-    return ("plain", "draft", "draft-int8-vocab", "lookup", "transformers-assisted", "transformers-lookup")
 
 
 def _find_config(path: str | None) -> Config:
@@ -278,10 +275,10 @@ def _devices() -> int:
 
 
 async def _bench(config: Config, args: argparse.Namespace) -> int:
-    modes = args.modes.split(",") if args.modes else list(_bench_modes())
-    unknown = [mode for mode in modes if mode not in _bench_modes()]
+    modes = args.modes.split(",") if args.modes else list(ALL_MODES)
+    unknown = [mode for mode in modes if mode not in ALL_MODES]
     if unknown:
-        raise ConfigError(f"--modes: unknown mode {unknown[0]!r}; choose from {', '.join(_bench_modes())}")
+        raise ConfigError(f"--modes: unknown mode {unknown[0]!r}; choose from {', '.join(ALL_MODES)}")
     if args.prompts is not None and args.prompts < 1:
         raise ConfigError(f"--prompts must be at least 1, got {args.prompts}")
     if not 1 <= args.max_new_tokens <= 4096:

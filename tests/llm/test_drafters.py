@@ -58,7 +58,7 @@ def test_prompt_lookup_equals_plain_greedy(adaptive):
     assert decoder.stats.drafted > 0
 
 
-def test_reduced_vocabulary_draft_equals_plain_greedy_and_stays_in_vocabulary():
+def test_reduced_vocabulary_draft_exact_and_in_table():
     target = tiny_qwen2(seed=41)
     draft = perturbed_copy(target, 0.2, seed=42)
     vocab_ids = torch.arange(0, VOCAB_SIZE, 2)  # even ids only

@@ -36,18 +36,17 @@ from typing import Any
 
 import torch
 
+from voice.bench import ALL_MODES, OUR_MODES
 from voice.bench.prompts import CATEGORIES, PROMPTS, BenchPrompt, chat_messages
 from voice.bench.transformers_baselines import current_rss_bytes, peak_rss_bytes, run_generate
 from voice.config import Config
+from voice.llm.conversation import Conversation
 from voice.llm.drafters import ModelDrafter, PromptLookupDrafter, quantize_linear_int8
 from voice.llm.loading import LoadedModels, eos_token_ids
 from voice.llm.speculative import SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
 
-OUR_MODES = ("plain", "draft", "draft-int8-vocab", "lookup")
-TRANSFORMERS_MODES = ("transformers-assisted", "transformers-lookup")
-ALL_MODES = OUR_MODES + TRANSFORMERS_MODES
 PLAIN = "plain"
 REFERENCE_TRANSFORMERS = "transformers-assisted"
 WARM_UP_QUESTION = "Say hello in one short sentence."
@@ -217,7 +216,7 @@ def run_benchmark(
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
-    system_ids = _shared_prefix(encode, system_prompt)
+    system_ids = Conversation(system_prompt, 0).shared_prefix_ids(tokenizer)
     built, added_memory = build_modes(
         models,
         modes,
@@ -271,15 +270,6 @@ def run_benchmark(
     return report
 
 
-def _shared_prefix(encode: Callable[[list[dict[str, str]]], list[int]], system_prompt: str) -> list[int]:
-    first = encode([{"role": "system", "content": system_prompt}, {"role": "user", "content": "a"}])
-    second = encode([{"role": "system", "content": system_prompt}, {"role": "user", "content": "z"}])
-    common = 0
-    while common < min(len(first), len(second)) and first[common] == second[common]:
-        common += 1
-    return first[:common]
-
-
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -290,20 +280,19 @@ def summarize(runs: list[Run], modes: list[str]) -> dict[str, Any]:
     summary: dict[str, Any] = {"modes": {}, "runs": [asdict(run) for run in runs]}
     for mode in modes:
         mine = [run for run in runs if run.mode == mode]
-        speedups = [
-            run.tokens_per_s / plain[run.prompt_id].tokens_per_s
+        # Ratio to plain decoding on the same prompt, where both rates exist.
+        ratios = [
+            (run.category, run.tokens_per_s / plain[run.prompt_id].tokens_per_s)
             for run in mine
             if run.tokens_per_s and plain[run.prompt_id].tokens_per_s
         ]
+        speedups = [ratio for _, ratio in ratios]
         by_category = {}
         for category in CATEGORIES:
-            values = [
-                run.tokens_per_s / plain[run.prompt_id].tokens_per_s
-                for run in mine
-                if run.category == category and run.tokens_per_s and plain[run.prompt_id].tokens_per_s
-            ]
+            values = [ratio for run_category, ratio in ratios if run_category == category]
             if values:
                 by_category[category] = _median(values)
+
         drafted = sum(run.drafted for run in mine)
         accepted = sum(run.accepted for run in mine)
         draft_steps = sum(run.draft_steps for run in mine)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import DynamicCache, PreTrainedModel
 
 
@@ -37,6 +38,23 @@ class TokenCache:
             self.kv.crop(-removed)
             del self.ids[length:]
 
+    @torch.inference_mode()
+    def forward(self, input_ids: list[int], logits_to_keep: int, **options):
+        """Run ``input_ids`` through the model on top of the cache; return the model output.
+
+        The output keeps the logits of the last ``logits_to_keep`` positions. ``options``
+        are extra keyword arguments of the model's forward pass.
+        """
+        output = self.model(
+            input_ids=torch.tensor([input_ids], dtype=torch.long),
+            cache=self.kv,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **options,
+        )
+        self.ids.extend(input_ids)
+        return output
+
     def reuse_prefix(self, ids: list[int], keep_input: bool = True) -> None:
         """Keep the longest cached prefix of ``ids`` and drop the rest.
 
@@ -66,10 +84,9 @@ class TokenCache:
         self.ids = []
 
 
-# NOTE: with past recording on, a sliding-window layer only shrinks back to its window
-# when crop() runs, which happens on rollback; long runs of fully accepted or plain steps
-# let those layers grow past the window, costing memory and copy time. Only Gemma-style
-# models with sliding-window layers are affected; Qwen 2.5 has none.
+# NOTE: with past recording on, a sliding-window layer shrinks back to its window only
+# when crop() runs on a rollback. Long runs of fully accepted or plain steps let it grow
+# past the window, costing memory and copy time. Qwen 2.5 has no such layers; Gemma has.
 def _new_cache(model: PreTrainedModel) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     # Sliding-window layers (Gemma, Mistral) can be cropped after they reach their window

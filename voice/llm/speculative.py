@@ -213,7 +213,7 @@ class SpeculativeDecoder:
             raise  # closed at a yield, between steps: the caches hold verified tokens only
         except BaseException:
             # A pass interrupted inside the model (an error, Ctrl-C) may have appended keys
-            # and values to some layers only; start the next call from empty caches.
+            # and values to some layers only, so the next call starts from empty caches.
             self.reset()
             raise
         stats.total_s = time.perf_counter() - started
@@ -287,15 +287,7 @@ class SpeculativeDecoder:
     def _target_pass(self, input_ids: list[int], logits_to_keep: int):
         """Run the target over ``input_ids``; return its float32 logits and the full output."""
         options = self.drafter.target_forward_options if self.drafter is not None else {}
-        with torch.inference_mode():
-            output = self.target.model(
-                input_ids=torch.tensor([input_ids], dtype=torch.long),
-                cache=self.target.kv,
-                use_cache=True,
-                logits_to_keep=logits_to_keep,
-                **options,
-            )
-        self.target.ids.extend(input_ids)
+        output = self.target.forward(input_ids, logits_to_keep, **options)
         return output.logits[0].float(), output
 
     def _plain_step(self, ids: list[int], sampling: Sampling, generator: torch.Generator, timed: bool) -> list[int]:
