@@ -60,11 +60,19 @@ def test_float_field_accepts_integer(tmp_path):
         ("llm:\n  stop_strings: 'User:'\n", "llm.stop_strings must be a list of non-empty strings"),
         ("llm:\n  stop_strings: ['']\n", "llm.stop_strings must be a list of non-empty strings"),
         ("llm:\n  max_new_tokens: 2000\n", "llm.max_new_tokens (2000) leaves less than 128 tokens of llm.max_context_tokens (2048)"),
+        ("mqtt:\n  port: 70000\n", "mqtt.port must be an integer from 1 to 65535, got 70000"),
+        ("mqtt:\n  topic_prefix: 'voice/#'\n", "mqtt.topic_prefix: 'voice/#' must be a topic without wildcards"),
+        ("mqtt:\n  site_ids: []\n", "mqtt.site_ids must name at least one site"),
+        ("mqtt:\n  site_ids: [kitchen/one]\n", "mqtt.site_ids: 'kitchen/one' must not contain / # or +"),
+        ("mqtt:\n  tls_ca_certs: /no/such/ca.pem\n", "mqtt.tls_ca_certs: '/no/such/ca.pem' not found"),
+        ("mqtt:\n  client_id: ''\n", "mqtt.client_id must not be empty"),
+        ("mqtt:\n  queue_size: -1\n", "mqtt.queue_size must be an integer from 0 to 100"),
     ],
     ids=["unknown-nested", "unknown-top", "wrong-type", "below-range", "bool-for-int", "string-for-bool",
          "bad-choice", "above-range", "vad-range", "section-not-mapping", "top-not-mapping", "bad-yaml", "empty-prompt",
          "negative-temperature", "zero-top-p", "top-p-above-one", "negative-top-k", "unknown-drafter", "unknown-weights",
-         "lookup-range", "stop-not-list", "empty-stop", "no-room-for-prompt"],
+         "lookup-range", "stop-not-list", "empty-stop", "no-room-for-prompt", "mqtt-port", "mqtt-wildcard-prefix",
+         "mqtt-no-sites", "mqtt-site-slash", "mqtt-missing-ca", "mqtt-empty-client-id", "mqtt-negative-queue"],
 )
 def test_invalid_config_names_file_and_key(tmp_path, text, expected):
     path = write(tmp_path, text)

@@ -1,4 +1,4 @@
-"""Command line: ``voice respond``, ``voice chat``, ``voice say``, ``voice prepare``, ``voice devices``.
+"""Command line: ``voice respond``, ``chat``, ``say``, ``mqtt``, ``prepare``, ``devices`` and ``bench``.
 
 Front ends only pick an input, an output and options; the turn itself runs in
 ``voice.pipeline``. User mistakes end in one line on stderr and a non-zero exit code.
@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare",
         "assemble, verify and convert the configured models into the cache, then exit",
         "Assemble, verify and convert every configured model into the cache, so the first answer starts fast.",
+    )
+    add_command(
+        "mqtt",
+        "serve questions from an MQTT broker (Hermes topics, Home Assistant discovery)",
+        "Connect to the broker in config.yaml (mqtt section) and answer requests until stopped. "
+        "SIGINT or SIGTERM stops after the current turn; a second one cancels it. Topics: docs/mqtt.md.",
     )
     add_command("devices", "list sound devices with their default sample rates", "List sound devices with their default sample rates.")
 
@@ -200,30 +206,17 @@ async def _say(config: Config, args: argparse.Namespace) -> int:
     import time
 
     from voice import models
-    from voice.tts.synthesizer import Synthesizer
+    from voice.tts.synthesizer import Synthesizer, speak
     from voice.tts.text import SpeechChunker
 
-    # The chunker cuts long text at sentences and clauses (at most tts.max_chunk_chars),
-    # so piper's memory stays bounded and the audio is written as each chunk is ready.
     chunker = SpeechChunker(config.tts.first_chunk_min_words, config.tts.max_chunk_chars)
-    chunks = chunker.push(args.text) + chunker.flush()
-    if not chunks:
+    if not chunker.push(args.text) + chunker.flush():
         raise VoiceError(f"Nothing to say: {args.text!r} has no speakable words")
     sink = _output_sink(args.output, "or write to a file with --output")
     voice_path = await asyncio.to_thread(models.resolve_piper, config.tts.voice, models.cache_root(config.cache_dir))
     synthesizer = await asyncio.to_thread(Synthesizer, voice_path, config.tts)
     started = time.perf_counter()
-    await sink.open(synthesizer.sample_rate)
-    ok = False
-    seconds = 0.0
-    try:
-        for chunk in chunks:
-            for samples in await asyncio.to_thread(synthesizer.synthesize_all, chunk):
-                await sink.write(samples)
-                seconds += len(samples) / synthesizer.sample_rate
-        ok = True
-    finally:
-        await sink.close(ok)
+    seconds = await speak(synthesizer, config.tts, args.text, sink)
     print(f"Spoke {seconds:.1f} s of audio in {time.perf_counter() - started:.2f} s" + (f" to {args.output}" if args.output else ""))
     return 0
 
@@ -321,8 +314,28 @@ async def _bench(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _mqtt(config: Config, args: argparse.Namespace) -> int:
+    from voice.audio.sinks import SpeakerSink
+    from voice.mqtt.service import MqttService
+    from voice.pipeline import load_assistant
+
+    if config.mqtt.speaker:
+        SpeakerSink(hint="or set mqtt.speaker: false in config.yaml to answer with text and WAV files only").check()
+    assistant = await load_assistant(config)
+    service = MqttService(assistant, config)
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(number, service.stop)
+    try:
+        await service.run()
+    finally:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(number)
+    return 0
+
+
 async def _run(config: Config, args: argparse.Namespace) -> int:
-    handlers = {"respond": _respond, "chat": _chat, "say": _say, "prepare": _prepare, "bench": _bench}
+    handlers = {"respond": _respond, "chat": _chat, "say": _say, "prepare": _prepare, "bench": _bench, "mqtt": _mqtt}
     return await handlers[args.command](config, args)
 
 

@@ -127,10 +127,54 @@ class TtsConfig:
 
 
 @dataclass
+class MqttConfig:
+    """The MQTT service (``voice mqtt``): broker connection, topics and limits."""
+
+    host: str = "localhost"
+    port: int = field(default=1883, metadata={"range": (1, 65535)})
+    client_id: str = "voice"
+    """Also names the broker's persistent session: two services must not share it."""
+    username: str = ""
+    password: str = ""
+    """Empty reads the VOICE_MQTT_PASSWORD environment variable, which keeps it out of the file."""
+    tls: bool = False
+    tls_ca_certs: str = ""
+    """PEM file of the CA that signed the broker's certificate; empty uses the system's CAs."""
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
+    tls_insecure: bool = False
+    """Skip the check that the certificate names the host (self-signed test brokers only)."""
+    keepalive_s: int = field(default=60, metadata={"range": (5, 3600)})
+    reconnect_max_s: float = field(default=30.0, metadata={"range": (1.0, 3600.0)})
+    """Maximum wait between reconnection attempts, in seconds; the wait doubles from one second up to it."""
+    topic_prefix: str = "voice"
+    """First level of the project's own topics (answers, metrics, errors, state)."""
+    site_ids: list[str] = field(default_factory=lambda: ["default"])
+    """Hermes siteIds this service serves; requests for any other site get an error."""
+    queue_size: int = field(default=4, metadata={"range": (0, 100)})
+    """Requests that may wait while one is in progress; later ones get a busy error."""
+    max_payload_bytes: int = field(default=65_536, metadata={"range": (256, 16_777_216)})
+    """Larger request payloads are rejected with an error."""
+    speaker: bool = True
+    """Play replies on this machine's default output device."""
+    file_root: str = ""
+    """When set, WAV paths in requests must lie inside this folder; empty allows any path."""
+    publish_audio: bool = False
+    """Also send reply audio as WAV chunks on hermes/audioServer/<siteId>/playBytes/<id>."""
+    audio_chunk_bytes: int = field(default=32_768, metadata={"range": (1024, 1_048_576)})
+    """Largest playBytes message, header included."""
+    discovery: bool = True
+    """Publish Home Assistant MQTT discovery configs."""
+    discovery_prefix: str = "homeassistant"
+    device_name: str = "Voice assistant"
+
+
+@dataclass
 class Config:
     asr: AsrConfig = field(default_factory=AsrConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
     tts: TtsConfig = field(default_factory=TtsConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
     allow_download: bool = False
     """Let Hugging Face ids download missing model files; off keeps the program offline."""
     cache_dir: str = ""
@@ -221,6 +265,7 @@ def load_config(path: str | Path | None) -> Config:
     if config.llm.system_prompt.strip() == "":
         raise ConfigError(f"{path}: llm.system_prompt must not be empty")
     _check_llm(config.llm, path)
+    _check_mqtt(config.mqtt, path)
     _check_model_paths(config, path)
     _check_language(config, path)
     if config.cache_dir and Path(config.cache_dir).expanduser().exists() and not Path(config.cache_dir).expanduser().is_dir():
@@ -242,6 +287,29 @@ def _check_llm(llm: LlmConfig, path: Path) -> None:
             f"{path}: llm.lookup_min_ngram ({llm.lookup_min_ngram}) is above llm.lookup_max_ngram "
             f"({llm.lookup_max_ngram}); lower the minimum or raise the maximum"
         )
+
+
+def _check_mqtt(mqtt: MqttConfig, path: Path) -> None:
+    for key in ("host", "client_id", "topic_prefix", "discovery_prefix", "device_name"):
+        if not getattr(mqtt, key).strip():
+            raise ConfigError(f"{path}: mqtt.{key} must not be empty")
+    for key in ("topic_prefix", "discovery_prefix"):
+        value = getattr(mqtt, key)
+        if any(character in value for character in "#+") or value.startswith("/") or value.endswith("/"):
+            raise ConfigError(f"{path}: mqtt.{key}: {value!r} must be a topic without wildcards (# +) or a leading or trailing slash")
+    for site in mqtt.site_ids:
+        if any(character in site for character in "#+/"):
+            raise ConfigError(f"{path}: mqtt.site_ids: {site!r} must not contain / # or +")
+    if not mqtt.site_ids:
+        raise ConfigError(f"{path}: mqtt.site_ids must name at least one site, such as default")
+    for key in ("tls_ca_certs", "tls_certfile", "tls_keyfile"):
+        value = getattr(mqtt, key)
+        if value and not Path(value).expanduser().is_file():
+            raise ConfigError(f"{path}: mqtt.{key}: {value!r} not found; name a PEM file or leave it empty")
+    if mqtt.tls_keyfile and not mqtt.tls_certfile:
+        raise ConfigError(f"{path}: mqtt.tls_keyfile is set without mqtt.tls_certfile; give both or neither")
+    if mqtt.file_root and not Path(mqtt.file_root).expanduser().is_dir():
+        raise ConfigError(f"{path}: mqtt.file_root: {mqtt.file_root!r} is not a folder; name an existing folder or leave it empty")
 
 
 def _check_language(config: Config, path: Path) -> None:

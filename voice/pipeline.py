@@ -24,7 +24,7 @@ from voice.audio.sinks import AudioSink
 from voice.config import Config, LlmConfig
 from voice.llm.stage import LanguageModelStage
 from voice.metrics import TurnMetrics
-from voice.tts.synthesizer import Synthesizer
+from voice.tts.synthesizer import Synthesizer, speak
 from voice.tts.text import SpeechChunker
 
 logger = logging.getLogger(__name__)
@@ -76,10 +76,15 @@ class Assistant:
         sink: AudioSink | None,
         events: TurnEvents | None = None,
         speculative: bool | None = None,
+        started_at: float | None = None,
     ) -> TurnResult:
-        """Answer 16 kHz mono speech; returns without an answer when no speech is found."""
+        """Answer 16 kHz mono speech; returns without an answer when no speech is found.
+
+        ``started_at`` (a ``time.perf_counter()`` value) is the zero of the turn's timings
+        when the request arrived before this call, as a queued MQTT request does.
+        """
         events = events or TurnEvents()
-        metrics = TurnMetrics(input_audio_s=len(audio) / 16_000)
+        metrics = _metrics(started_at, input_audio_s=len(audio) / 16_000)
         if self.recognizer is None:
             raise RuntimeError("this Assistant was built without a recognizer")
         transcript = await asyncio.to_thread(self.recognizer.transcribe, audio)
@@ -98,8 +103,9 @@ class Assistant:
         sink: AudioSink | None,
         events: TurnEvents | None = None,
         speculative: bool | None = None,
+        started_at: float | None = None,
     ) -> TurnResult:
-        metrics = TurnMetrics()
+        metrics = _metrics(started_at)
         answer = await self._answer(text, sink, events or TurnEvents(), metrics, speculative)
         return TurnResult(None, answer, metrics)
 
@@ -169,6 +175,12 @@ class Assistant:
         logger.info("turn: %s", metrics.summary())
         return "".join(parts)
 
+    async def speak(self, text: str, sink: AudioSink) -> float:
+        """Speak ``text`` as it is; return the seconds of audio written."""
+        if self.synthesizer is None:
+            raise RuntimeError("this Assistant was built without a synthesizer")
+        return await speak(self.synthesizer, self.config.tts, text, sink)
+
     def _record_decoding(self, metrics: TurnMetrics) -> None:
         answer = self.llm.last_answer
         if answer is None:
@@ -222,6 +234,13 @@ def _language_model_stage(loaded, config: LlmConfig, cache: Path) -> LanguageMod
     from voice.llm.loading import build_drafter
 
     return LanguageModelStage(loaded, config, build_drafter(config, loaded, cache))
+
+
+def _metrics(started_at: float | None, **values) -> TurnMetrics:
+    metrics = TurnMetrics(**values)
+    if started_at is not None:
+        metrics.started_at = started_at
+    return metrics
 
 
 async def _none() -> None:

@@ -106,3 +106,37 @@ class SpeakerSink(AudioSink):
         stream, self._stream = self._stream, None
         await asyncio.to_thread(stream.stop if ok else stream.abort)
         stream.close()
+
+
+class TeeSink(AudioSink):
+    """Sends the same reply to several sinks, such as a WAV file and the speaker."""
+
+    def __init__(self, sinks: list[AudioSink]) -> None:
+        self.sinks = sinks
+
+    async def open(self, sample_rate: int) -> None:
+        await super().open(sample_rate)
+        opened = []
+        try:
+            for sink in self.sinks:
+                await sink.open(sample_rate)
+                opened.append(sink)
+        except BaseException:
+            for sink in opened:
+                await sink.close(False)
+            raise
+
+    async def write(self, samples: np.ndarray) -> None:
+        for sink in self.sinks:
+            await sink.write(samples)
+
+    async def close(self, ok: bool) -> None:
+        # Every sink is closed even when one fails, so no partial file is left behind.
+        failure = None
+        for sink in self.sinks:
+            try:
+                await sink.close(ok)
+            except Exception as error:  # noqa: BLE001 - re-raised after the others are closed
+                failure = failure or error
+        if failure is not None:
+            raise failure

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -12,6 +13,7 @@ import numpy as np
 
 from voice.config import TtsConfig
 from voice.errors import ModelError
+from voice.tts.text import SpeechChunker
 
 logger = logging.getLogger(__name__)
 
@@ -48,3 +50,26 @@ class Synthesizer:
     def synthesize_all(self, text: str) -> list[np.ndarray]:
         """Return every audio chunk of ``text``, so one worker-thread call does the whole chunk."""
         return list(self.synthesize(text))
+
+
+async def speak(synthesizer: Synthesizer, config: TtsConfig, text: str, sink) -> float:
+    """Speak ``text`` as it is into ``sink`` (an AudioSink), chunk by chunk; return the seconds of audio.
+
+    The chunker cuts long text at sentences and clauses (at most ``max_chunk_chars``), so
+    piper's memory stays bounded and the audio is written as each chunk is ready. A
+    failure closes the sink with ``ok=False``, which discards a partial file.
+    """
+    chunker = SpeechChunker(config.first_chunk_min_words, config.max_chunk_chars)
+    chunks = chunker.push(text) + chunker.flush()
+    seconds = 0.0
+    await sink.open(synthesizer.sample_rate)
+    ok = False
+    try:
+        for chunk in chunks:
+            for samples in await asyncio.to_thread(synthesizer.synthesize_all, chunk):
+                await sink.write(samples)
+                seconds += len(samples) / synthesizer.sample_rate
+        ok = True
+    finally:
+        await sink.close(ok)
+    return seconds

@@ -1,0 +1,258 @@
+"""The MQTT service against a real Mosquitto broker, with a tiny random target so turns take milliseconds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.mqtt.conftest import Broker, Observer, mqtt_config, tiny_assistant
+from voice.config import Config, LlmConfig
+from voice.errors import VoiceError
+from voice.mqtt import protocol
+from voice.mqtt.service import MqttService
+
+ASK = "voice/ask"
+
+
+@pytest.fixture(scope="module")
+def assistant(qwen_tokenizer):
+    return tiny_assistant(qwen_tokenizer)
+
+
+def wait_online(observer: Observer) -> None:
+    observer.wait_for(lambda: any(message.payload == b"online" for message in observer.on("voice/status")), what="voice/status online")
+
+
+def test_text_question_streams_answer_in_order(assistant, observer, start_service):
+    start_service(assistant)
+    wait_online(observer)
+    observer.publish(ASK, {"id": "q1", "text": "What is the capital of France?", "customData": "kitchen-button"})
+    answer = observer.wait_for_payload("voice/answer", id="q1")
+    ended = observer.wait_for_payload(protocol.SESSION_ENDED, sessionId=answer["sessionId"])
+
+    fragments = observer.payloads("voice/answer/text", id="q1")
+    assert [fragment["index"] for fragment in fragments] == list(range(len(fragments)))
+    assert "".join(fragment["text"] for fragment in fragments) == answer["text"]
+    assert answer["siteId"] == "default" and answer["transcript"] == "What is the capital of France?"
+    assert ended["termination"] == {"reason": "nominal"} and ended["customData"] == "kitchen-button"
+
+    # Hermes session start, then the streamed text, then the full answer and metrics.
+    order = [message.topic for message in observer.messages if message.topic in (protocol.SESSION_STARTED, "voice/answer/text", "voice/answer", "voice/metrics", protocol.SESSION_ENDED)]
+    assert order[0] == protocol.SESSION_STARTED and order[-1] == protocol.SESSION_ENDED
+    assert order.index("voice/answer") > max(i for i, topic in enumerate(order) if topic == "voice/answer/text")
+    metrics = observer.wait_for_payload("voice/metrics", id="q1")
+    assert metrics["answer_tokens"] >= 1 and metrics["first_token_ms"] >= 0
+
+
+def test_hermes_nlu_query_is_answered(assistant, observer, start_service):
+    start_service(assistant)
+    wait_online(observer)
+    observer.publish(protocol.NLU_QUERY, {"input": "Turn on the lights", "siteId": "default", "id": 17, "sessionId": "s-17"})
+    answer = observer.wait_for_payload("voice/answer", id="17")
+    assert answer["sessionId"] == "s-17" and answer["transcript"] == "Turn on the lights"
+    started = observer.wait_for_payload(protocol.SESSION_STARTED, sessionId="s-17")
+    assert started["siteId"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "request_id"),
+    [
+        (b"{not json", "invalid_json", None),
+        (b"[1, 2]", "invalid_json", None),
+        (b'{"id": "m1"}', "invalid_request", "m1"),
+        (b'{"id": "m2", "text": 42}', "invalid_request", "m2"),
+        (b'{"id": "m3", "text": "   "}', "invalid_request", "m3"),
+        (b'{"id": "m4", "text": "hi", "wav": "/tmp/a.wav"}', "invalid_request", "m4"),
+        (b'{"id": "m5", "text": "hi", "speak": "yes"}', "invalid_request", "m5"),
+        (b'{"id": "m6", "text": "hi", "siteId": "garage"}', "unknown_site", "m6"),
+        (b'{"id": "m7", "text": "hi", "output": "/tmp/reply.mp3"}', "bad_output", "m7"),
+        (b'{"id": "m8", "wav": "/nonexistent/question.wav"}', "bad_audio", "m8"),
+        (b'{"id": [1], "text": "hi"}', "invalid_request", None),
+        (b'\xff\xfe\x00', "invalid_json", None),
+    ],
+)
+def test_malformed_request_gets_error_and_service_keeps_running(assistant, observer, start_service, payload, code, request_id):
+    start_service(assistant)
+    wait_online(observer)
+    observer.publish(ASK, payload)
+    error = observer.wait_for_payload("voice/error", code=code)
+    assert error["id"] == request_id
+    assert error["error"]
+    # Still serving: the next good request is answered.
+    observer.publish(ASK, {"id": "after", "text": "Hello"})
+    observer.wait_for_payload("voice/answer", id="after")
+
+
+def test_oversized_payload_rejected(assistant, observer, start_service):
+    start_service(assistant, max_payload_bytes=1024)
+    wait_online(observer)
+    observer.publish(ASK, {"id": "big", "text": "x" * 2000})
+    error = observer.wait_for_payload("voice/error", code="payload_too_large")
+    assert "1024" in error["error"]
+    observer.publish(ASK, {"id": "small", "text": "Hello"})
+    observer.wait_for_payload("voice/answer", id="small")
+
+
+def test_repeated_request_id_answered_once(assistant, observer, start_service):
+    start_service(assistant)
+    wait_online(observer)
+    observer.publish(ASK, {"id": "once", "text": "Hello"})
+    observer.publish(ASK, {"id": "once", "text": "Hello"})
+    observer.publish(ASK, {"id": "later", "text": "Hello again"})
+    observer.wait_for_payload("voice/answer", id="later")
+    assert len(observer.payloads("voice/answer", id="once")) == 1
+
+
+def test_two_sites_answered_one_at_a_time_in_arrival_order(qwen_tokenizer, observer, start_service):
+    # Longer answers, so the second request arrives while the first is being answered.
+    assistant = tiny_assistant(qwen_tokenizer, LlmConfig(speculative=False, max_new_tokens=300, max_context_tokens=2048))
+    runner = start_service(assistant, site_ids=["kitchen", "bedroom"])
+    wait_online(observer)
+    observer.publish(ASK, {"id": "k", "siteId": "kitchen", "text": "Tell me a long story."})
+    observer.publish(protocol.NLU_QUERY, {"id": "b", "siteId": "bedroom", "input": "Tell me another long story."})
+    bedroom = observer.wait_for_payload("voice/answer", id="b")
+    kitchen = observer.wait_for_payload("voice/answer", id="k")
+    assert kitchen["siteId"] == "kitchen" and bedroom["siteId"] == "bedroom"
+
+    def index(topic, **match):
+        return next(i for i, message in enumerate(observer.messages) if message.topic == topic and all(message.json().get(k) == v for k, v in match.items()))
+
+    # The bedroom's session starts only after the kitchen's has ended, and it was queued.
+    assert index(protocol.SESSION_ENDED, sessionId=kitchen["sessionId"]) < index(protocol.SESSION_STARTED, sessionId=bedroom["sessionId"])
+    assert observer.payloads(protocol.SESSION_QUEUED, siteId="bedroom")
+    # Each site keeps its own conversation.
+    conversations = runner.service.conversations
+    assert [exchange.user for exchange in conversations["kitchen"].history] == ["Tell me a long story."]
+    assert [exchange.user for exchange in conversations["bedroom"].history] == ["Tell me another long story."]
+
+
+def test_full_queue_replies_busy(qwen_tokenizer, observer, start_service):
+    assistant = tiny_assistant(qwen_tokenizer, LlmConfig(speculative=False, max_new_tokens=300, max_context_tokens=2048))
+    start_service(assistant, queue_size=1)
+    wait_online(observer)
+    for number in range(4):
+        observer.publish(ASK, {"id": f"r{number}", "text": f"Tell me story number {number}."})
+    observer.wait_for_payload("voice/answer", id="r1")
+    busy = observer.payloads("voice/error", code="busy")
+    assert {error["id"] for error in busy} == {"r2", "r3"}
+    assert "mqtt.queue_size" in busy[0]["error"]
+    observer.wait_for_payload("voice/answer", id="r0")
+    assert not observer.payloads("voice/answer", id="r2")
+
+
+def test_discovery_published_and_sent_again_when_home_assistant_starts(assistant, broker, observer, start_service):
+    start_service(assistant)
+    wait_online(observer)
+
+    def configs():
+        return [m for m in observer.messages if m.topic.startswith("homeassistant/") and m.topic.endswith("/config")]
+
+    observer.wait_for(lambda: len({m.topic for m in configs()}) == 6, what="six discovery configs")
+    configs = configs()
+    by_topic = {message.topic: message.json() for message in configs}
+    assert set(by_topic) == {
+        "homeassistant/sensor/voice-test/state/config",
+        "homeassistant/sensor/voice-test/transcript/config",
+        "homeassistant/sensor/voice-test/answer/config",
+        "homeassistant/sensor/voice-test/latency/config",
+        "homeassistant/text/voice-test/ask/config",
+        "homeassistant/switch/voice-test/mute/config",
+    }
+    for topic, entity in by_topic.items():
+        assert entity["availability_topic"] == "voice/status"
+        assert entity["device"]["identifiers"] == ["voice-test"]
+        assert entity["unique_id"].startswith("voice-test_")
+    # Retained: a Home Assistant that subscribes later still gets every config.
+    late = Observer(broker.port, client_id="late-home-assistant", topics=("homeassistant/#",))
+    try:
+        late.wait_for(lambda: len(late.messages) >= 6, what="retained discovery")
+        assert {message.topic for message in late.messages if message.retain} == set(by_topic)
+    finally:
+        late.close()
+    before = len(observer.messages)
+    observer.publish("homeassistant/status", b"online")
+    observer.wait_for(lambda: any(m.topic.endswith("/ask/config") for m in observer.messages[before:]), what="discovery sent again")
+    # The text entity's template produces a request the service accepts.
+    template = by_topic["homeassistant/text/voice-test/ask/config"]["command_template"]
+    request = template.replace("{{ value | tojson }}", json.dumps("Hi there"))
+    observer.publish(ASK, request.encode())
+    answer = observer.wait_for_payload("voice/answer", transcript="Hi there")
+    assert answer["siteId"] == "default"
+
+
+def test_mute_switch_updates_state(assistant, observer, start_service):
+    runner = start_service(assistant)
+    wait_online(observer)
+    observer.publish("voice/mute/set", b"ON")
+    observer.wait_for(lambda: any(m.json().get("muted") for m in observer.on("voice/state")), what="muted state")
+    assert runner.service.muted
+    observer.publish("voice/mute/set", b"maybe")
+    observer.wait_for_payload("voice/error", code="invalid_request")
+    observer.publish("voice/mute/set", b"off")
+    observer.wait_for(lambda: not observer.on("voice/state")[-1].json()["muted"], what="unmuted state")
+
+
+def test_state_topic_shows_last_turn(assistant, observer, start_service):
+    start_service(assistant)
+    wait_online(observer)
+    observer.publish(ASK, {"id": "s1", "text": "What time is it?"})
+    answer = observer.wait_for_payload("voice/answer", id="s1")
+    state = observer.wait_for(lambda: [m.json() for m in observer.on("voice/state") if m.json()["state"] == "idle" and m.json()["answer"]], what="idle state")[-1]
+    assert state["transcript"] == "What time is it?"
+    assert state["answer"] == answer["text"][:255]
+    assert state["latency_ms"] is not None
+
+
+def test_stop_replies_to_queued_requests_and_goes_offline(qwen_tokenizer, observer, start_service):
+    assistant = tiny_assistant(qwen_tokenizer, LlmConfig(speculative=False, max_new_tokens=300, max_context_tokens=2048))
+    runner = start_service(assistant)
+    wait_online(observer)
+    observer.publish(ASK, {"id": "current", "text": "Tell me a long story."})
+    observer.publish(ASK, {"id": "queued", "text": "And another."})
+    observer.wait_for_payload(protocol.SESSION_STARTED)
+    runner.stop()
+    assert runner.error is None
+    # The current turn finished; the queued one got a shutting_down error.
+    observer.wait_for_payload("voice/answer", id="current")
+    observer.wait_for_payload("voice/error", id="queued", code="shutting_down")
+    observer.wait_for(lambda: observer.on("voice/status")[-1].payload == b"offline", what="offline status")
+
+
+def test_service_reconnects_after_broker_restart(assistant, broker, observer, start_service):
+    runner = start_service(assistant)
+    wait_online(observer)
+    broker.restart()
+    observer.wait_for(lambda: runner.service.connections >= 2, timeout=30, what="reconnection")
+    observer.publish(ASK, {"id": "after-restart", "text": "Hello"})
+    observer.wait_for_payload("voice/answer", id="after-restart")
+
+
+def test_requests_sent_while_service_is_away_are_answered(assistant, broker, observer, start_service):
+    runner = start_service(assistant)
+    wait_online(observer)
+    runner.stop()
+    # The persistent session keeps the subscription: the broker queues QoS 1 requests.
+    observer.publish(ASK, {"id": "while-away", "text": "Hello"})
+    start_service(assistant)
+    observer.wait_for_payload("voice/answer", id="while-away")
+    assert len(observer.payloads("voice/answer", id="while-away")) == 1
+
+
+def test_wrong_password_ends_with_clear_error(tmp_path, assistant):
+    passwords = tmp_path / "passwords"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwords), "homeassistant", "right-password"], check=True)
+    broker = Broker(tmp_path, password_file=passwords)
+    broker.start()
+    try:
+        config = Config(mqtt=mqtt_config(broker, username="homeassistant", password="wrong-password"))
+        import asyncio
+
+        with pytest.raises(VoiceError) as raised:
+            asyncio.run(asyncio.wait_for(MqttService(assistant, config).run(), 30))
+        message = str(raised.value)
+        assert "'homeassistant'" in message and "VOICE_MQTT_PASSWORD" in message
+        assert "wrong-password" not in message
+    finally:
+        broker.stop()

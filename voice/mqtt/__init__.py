@@ -1,0 +1,1 @@
+"""``voice mqtt``: the assistant as an MQTT service for home automation."""
