@@ -37,9 +37,11 @@ def free_port() -> int:
 class Broker:
     """One mosquitto process with persistence on, so sessions and queued messages survive a restart."""
 
-    def __init__(self, folder: Path, password_file: Path | None = None) -> None:
+    def __init__(self, folder: Path, password_file: Path | None = None, tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``tls`` is (CA certificate, server certificate, server key): adds a TLS listener on ``tls_port``."""
         self.folder = folder
         self.port = free_port()
+        self.tls_port = free_port() if tls else None
         self.config = folder / "mosquitto.conf"
         lines = [
             f"listener {self.port} 127.0.0.1",
@@ -54,6 +56,9 @@ class Broker:
             lines += ["allow_anonymous false", f"password_file {password_file}"]
         else:
             lines.append("allow_anonymous true")
+        if tls:
+            ca, certificate, key = tls
+            lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {ca}", f"certfile {certificate}", f"keyfile {key}"]
         self.config.write_text("\n".join(lines) + "\n")
         self.process: subprocess.Popen | None = None
 

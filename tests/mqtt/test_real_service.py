@@ -34,13 +34,16 @@ def test_spoken_question_answered_into_wav(assistant, observer, start_service, t
     observer.publish(ASK, {"id": "spoken", "wav": str(FIXTURES / "en_piper_capital_france_quiet.wav"), "output": str(reply), "speak": False})
     answer = observer.wait_for_payload("voice/answer", id="spoken", timeout=180)
     captured = observer.wait_for_payload(protocol.TEXT_CAPTURED, sessionId=answer["sessionId"])
-    assert "france" in captured["text"].lower() and 0 < captured["likelihood"] <= 1
+    assert "france" in captured["text"].lower()
+    assert 0 < captured["likelihood"] <= 1
     assert "paris" in answer["text"].lower()
     assert answer["output"] == str(reply)
     samples, rate = read_wav(reply)
-    assert rate == assistant.synthesizer.sample_rate and len(samples) > rate // 2
+    assert rate == assistant.synthesizer.sample_rate
+    assert len(samples) > rate // 2
     metrics = observer.wait_for_payload("voice/metrics", id="spoken")
-    assert metrics["speculative"] and metrics["acceptance_rate"] is not None
+    assert metrics["speculative"]
+    assert metrics["acceptance_rate"] is not None
     assert 0 < metrics["first_token_ms"] <= metrics["first_audio_ms"] <= metrics["total_ms"]
 
 
@@ -54,7 +57,8 @@ def test_non_speech_recording_gets_no_answer(assistant, observer, start_service,
     ended = observer.wait_for_payload(protocol.SESSION_ENDED, sessionId=error["sessionId"])
     assert ended["termination"]["reason"] == "error"
     assert not observer.payloads("voice/answer", id="noise")
-    assert not reply.exists() and not list(tmp_path.glob("*.wav*"))
+    assert not reply.exists()
+    assert not list(tmp_path.glob("*.wav*"))
 
 
 def test_broker_restart_in_the_middle_of_an_answer(assistant, broker, observer, start_service):
@@ -72,8 +76,8 @@ def test_broker_restart_in_the_middle_of_an_answer(assistant, broker, observer, 
     assert runner.service.connections >= 2
     assert len(observer.payloads("voice/answer", id="long")) == 1
     assert len(observer.payloads("voice/answer", id="during")) == 1
-    # Every streamed fragment arrived, in order; a fragment in flight at the restart may
-    # arrive twice (QoS 1 is at least once), which its index shows.
+    # Every streamed fragment arrived in order. A fragment in flight at the restart may
+    # arrive twice, because QoS 1 delivers at least once; its index shows the copy.
     fragments = {}
     for fragment in observer.payloads("voice/answer/text", id="long"):
         fragments.setdefault(fragment["index"], fragment["text"])
@@ -92,7 +96,8 @@ def test_tts_say_sends_bounded_audio_chunks(assistant, observer, start_service):
     for chunk in chunks:
         assert len(chunk.payload) <= 4096
         with wave.open(io.BytesIO(chunk.payload)) as wav:
-            assert wav.getframerate() == assistant.synthesizer.sample_rate and wav.getnchannels() == 1
+            assert wav.getframerate() == assistant.synthesizer.sample_rate
+            assert wav.getnchannels() == 1
             frames += wav.getnframes()
     assert frames > assistant.synthesizer.sample_rate  # over a second of speech
     assert not observer.payloads("voice/answer", id="wash")
@@ -136,7 +141,8 @@ def test_voice_mqtt_stops_cleanly_after_the_current_turn(broker, observer, tmp_p
     answer = observer.wait_for_payload("voice/answer", id="inflight", timeout=5)
     assert answer["text"]
     assert observer.on("voice/status")[-1].payload == b"offline"
-    assert "Stopping after the current turn" in text and "MQTT service stopped" in text
+    assert "Stopping after the current turn" in text
+    assert "MQTT service stopped" in text
     assert "Traceback" not in text
     assert password not in text, "the password appeared in the log"
     assert time.monotonic() - started < 120

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 
+import numpy as np
 import pytest
 
-from tests.mqtt.conftest import Broker, Observer, mqtt_config, tiny_assistant
+from tests.mqtt.conftest import Broker, Observer, ServiceThread, mqtt_config, tiny_assistant
 from voice.config import Config, LlmConfig
 from voice.errors import VoiceError
 from voice.mqtt import protocol
@@ -35,15 +37,19 @@ def test_text_question_streams_answer_in_order(assistant, observer, start_servic
     fragments = observer.payloads("voice/answer/text", id="q1")
     assert [fragment["index"] for fragment in fragments] == list(range(len(fragments)))
     assert "".join(fragment["text"] for fragment in fragments) == answer["text"]
-    assert answer["siteId"] == "default" and answer["transcript"] == "What is the capital of France?"
-    assert ended["termination"] == {"reason": "nominal"} and ended["customData"] == "kitchen-button"
+    assert answer["siteId"] == "default"
+    assert answer["transcript"] == "What is the capital of France?"
+    assert ended["termination"] == {"reason": "nominal"}
+    assert ended["customData"] == "kitchen-button"
 
     # Hermes session start, then the streamed text, then the full answer and metrics.
     order = [message.topic for message in observer.messages if message.topic in (protocol.SESSION_STARTED, "voice/answer/text", "voice/answer", "voice/metrics", protocol.SESSION_ENDED)]
-    assert order[0] == protocol.SESSION_STARTED and order[-1] == protocol.SESSION_ENDED
+    assert order[0] == protocol.SESSION_STARTED
+    assert order[-1] == protocol.SESSION_ENDED
     assert order.index("voice/answer") > max(i for i, topic in enumerate(order) if topic == "voice/answer/text")
     metrics = observer.wait_for_payload("voice/metrics", id="q1")
-    assert metrics["answer_tokens"] >= 1 and metrics["first_token_ms"] >= 0
+    assert metrics["answer_tokens"] >= 1
+    assert metrics["first_token_ms"] >= 0
 
 
 def test_hermes_nlu_query_is_answered(assistant, observer, start_service):
@@ -51,7 +57,8 @@ def test_hermes_nlu_query_is_answered(assistant, observer, start_service):
     wait_online(observer)
     observer.publish(protocol.NLU_QUERY, {"input": "Turn on the lights", "siteId": "default", "id": 17, "sessionId": "s-17"})
     answer = observer.wait_for_payload("voice/answer", id="17")
-    assert answer["sessionId"] == "s-17" and answer["transcript"] == "Turn on the lights"
+    assert answer["sessionId"] == "s-17"
+    assert answer["transcript"] == "Turn on the lights"
     started = observer.wait_for_payload(protocol.SESSION_STARTED, sessionId="s-17")
     assert started["siteId"] == "default"
 
@@ -114,7 +121,8 @@ def test_two_sites_answered_one_at_a_time_in_arrival_order(qwen_tokenizer, obser
     observer.publish(protocol.NLU_QUERY, {"id": "b", "siteId": "bedroom", "input": "Tell me another long story."})
     bedroom = observer.wait_for_payload("voice/answer", id="b")
     kitchen = observer.wait_for_payload("voice/answer", id="k")
-    assert kitchen["siteId"] == "kitchen" and bedroom["siteId"] == "bedroom"
+    assert kitchen["siteId"] == "kitchen"
+    assert bedroom["siteId"] == "bedroom"
 
     def index(topic, **match):
         return next(i for i, message in enumerate(observer.messages) if message.topic == topic and all(message.json().get(k) == v for k, v in match.items()))
@@ -247,12 +255,99 @@ def test_wrong_password_ends_with_clear_error(tmp_path, assistant):
     broker.start()
     try:
         config = Config(mqtt=mqtt_config(broker, username="homeassistant", password="wrong-password"))
-        import asyncio
-
         with pytest.raises(VoiceError) as raised:
             asyncio.run(asyncio.wait_for(MqttService(assistant, config).run(), 30))
         message = str(raised.value)
-        assert "'homeassistant'" in message and "VOICE_MQTT_PASSWORD" in message
+        assert "'homeassistant'" in message
+        assert "VOICE_MQTT_PASSWORD" in message
         assert "wrong-password" not in message
     finally:
         broker.stop()
+
+
+def _certificates(folder) -> tuple:
+    """A throwaway CA and a server certificate for 127.0.0.1 it signed, made with openssl."""
+
+    def openssl(*arguments):
+        subprocess.run(["openssl", *arguments], check=True, capture_output=True, cwd=folder)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=voice test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    return folder / "ca.pem", folder / "server.pem", folder / "server.key"
+
+
+def test_service_connects_over_tls(tmp_path, assistant):
+    ca, certificate, key = _certificates(tmp_path)
+    broker = Broker(tmp_path, tls=(ca, certificate, key))
+    broker.start()
+    observer = Observer(broker.port)
+    runner = None
+    try:
+        settings = mqtt_config(broker, port=broker.tls_port, tls=True, tls_ca_certs=str(ca))
+        runner = ServiceThread(MqttService(assistant, Config(llm=assistant.llm.config, mqtt=settings)))
+        wait_online(observer)
+        observer.publish(ASK, {"id": "tls", "text": "Hello"})
+        observer.wait_for_payload("voice/answer", id="tls")
+    finally:
+        if runner is not None:
+            runner.stop()
+        observer.close()
+        broker.stop()
+
+
+def test_tls_certificate_from_unknown_ca_ends_with_clear_error(tmp_path, assistant):
+    ca, certificate, key = _certificates(tmp_path)
+    broker = Broker(tmp_path, tls=(ca, certificate, key))
+    broker.start()
+    try:
+        # Without tls_ca_certs the system CAs are used, and they do not know the test CA.
+        config = Config(mqtt=mqtt_config(broker, port=broker.tls_port, tls=True))
+        with pytest.raises(VoiceError) as raised:
+            asyncio.run(asyncio.wait_for(MqttService(assistant, config).run(), 30))
+        assert "mqtt.tls_ca_certs" in str(raised.value)
+    finally:
+        broker.stop()
+
+
+def test_retained_request_is_not_answered(assistant, broker, observer, start_service):
+    observer.client.publish(ASK, json.dumps({"id": "sticky", "text": "Hello"}), qos=1, retain=True).wait_for_publish(10)
+    start_service(assistant)
+    wait_online(observer)
+    error = observer.wait_for_payload("voice/error", code="invalid_request")
+    assert "retain" in error["error"]
+    observer.publish(ASK, {"id": "plain", "text": "Hello"})
+    observer.wait_for_payload("voice/answer", id="plain")
+    assert not observer.payloads("voice/answer", id="sticky")
+
+
+def test_mute_silences_a_reply_already_playing():
+    from voice.audio.sinks import AudioSink
+    from voice.mqtt.service import _MutableSink
+
+    class Recorder(AudioSink):
+        def __init__(self):
+            self.chunks, self.closed_ok = [], None
+
+        async def write(self, samples):
+            self.chunks.append(samples)
+
+        async def close(self, ok):
+            self.closed_ok = ok
+
+    class Service:
+        muted = False
+
+    async def play(service, recorder):
+        sink = _MutableSink(recorder, service)
+        await sink.open(22050)
+        await sink.write(np.zeros(10, dtype=np.float32))
+        service.muted = True
+        await sink.write(np.zeros(10, dtype=np.float32))
+        await sink.close(True)
+
+    recorder = Recorder()
+    asyncio.run(play(Service(), recorder))
+    assert len(recorder.chunks) == 1
+    assert recorder.closed_ok is False  # aborted, not drained

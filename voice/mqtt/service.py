@@ -19,6 +19,7 @@ import asyncio
 import io
 import logging
 import os
+import ssl
 import time
 import wave
 from collections import OrderedDict
@@ -176,6 +177,11 @@ class MqttService:
                         f"The MQTT broker at {where} rejected user {settings.username or '(none)'!r}: {error}. "
                         "Check mqtt.username and the password (mqtt.password or VOICE_MQTT_PASSWORD)"
                     ) from None
+                if isinstance(error.__context__, ssl.SSLCertVerificationError):
+                    raise VoiceError(
+                        f"The certificate of the MQTT broker at {where} failed verification: {error.__context__.verify_message}. "
+                        "Set mqtt.tls_ca_certs to the CA that signed it (or mqtt.tls_insecure: true if only the host name differs)"
+                    ) from None
                 if self._stopping.is_set():
                     return
                 logger.warning("MQTT broker at %s unreachable (%s); retrying in %.0f s", where, error, delay)
@@ -246,6 +252,9 @@ class MqttService:
                 logger.info("Home Assistant came online; sending discovery again")
                 self._send_discovery()
                 self.send(self.topics.state, protocol.dumps(self._state), retain=True)
+        elif message.retain:
+            # A retained request would be answered again on every reconnection.
+            self.publish(self.topics.error, RequestError("invalid_request", f"retained message on {topic} ignored; publish requests without the retain flag").payload())
         else:
             self._accept(topic, payload)
 
@@ -375,7 +384,7 @@ class MqttService:
                 raise RequestError("bad_output", str(error)) from None
             sinks.append(WavFileSink(request.output))
         if request.speak and self.settings.speaker and not self.muted:
-            sinks.append(SpeakerSink(hint="or set mqtt.speaker: false in config.yaml"))
+            sinks.append(_MutableSink(SpeakerSink(hint="or set mqtt.speaker: false in config.yaml"), self))
         if self.settings.publish_audio:
             sinks.append(MqttAudioSink(self, request))
         if not sinks or self.assistant.synthesizer is None:
@@ -432,6 +441,26 @@ def _likelihood(segments: list[dict]) -> float:
         return 0.0
     mean_log_prob = sum(segment.get("avg_logprob", 0.0) for segment in segments) / len(segments)
     return round(float(np.exp(mean_log_prob)), 4)
+
+
+class _MutableSink(AudioSink):
+    """Drops the rest of a reply from ``sink`` once the service is muted, so the mute switch silences it at once."""
+
+    def __init__(self, sink: AudioSink, service: MqttService) -> None:
+        self.sink = sink
+        self.service = service
+
+    async def open(self, sample_rate: int) -> None:
+        await super().open(sample_rate)
+        await self.sink.open(sample_rate)
+
+    async def write(self, samples: np.ndarray) -> None:
+        if not self.service.muted:
+            await self.sink.write(samples)
+
+    async def close(self, ok: bool) -> None:
+        # Abort rather than drain the device buffer when muted mid-reply.
+        await self.sink.close(ok and not self.service.muted)
 
 
 class MqttAudioSink(AudioSink):
