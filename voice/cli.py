@@ -99,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--modes", metavar="LIST", help="comma-separated modes (default: all): " + ", ".join(ALL_MODES))
     llm.add_argument("--draft-vocab", type=int, metavar="N", help="output tokens of the draft-int8-vocab mode (default: llm.draft_vocab, or 32768 where that is 0)")
     llm.add_argument("--output-dir", default=".", metavar="DIR", help="folder for bench-llm.json and bench-llm.png (default: .)")
+    spoken = benchmarks.add_parser(
+        "voice",
+        parents=[options],
+        help="time whole spoken turns, speculation on and off, from the end of speech to the last audio",
+        description="Answer every spoken fixture through the whole pipeline with speculation on and off, interleaved in "
+        "one process after a warm-up turn. Prints the median and 95th percentile of every stage and writes "
+        "bench-voice.json, bench-voice.md and two PNG charts.",
+    )
+    spoken.add_argument("--fixtures", default="audio_fixtures", metavar="DIR", help="folder with MANIFEST.tsv and the WAV files (default: audio_fixtures)")
+    spoken.add_argument("--limit", type=int, metavar="N", help="use only the first N spoken fixtures")
+    spoken.add_argument("--output-dir", default=".", metavar="DIR", help="folder for the reports (default: .)")
     return parser
 
 
@@ -268,6 +279,8 @@ def _devices() -> int:
 
 
 async def _bench(config: Config, args: argparse.Namespace) -> int:
+    if args.benchmark == "voice":
+        return await _bench_voice(config, args)
     modes = args.modes.split(",") if args.modes else list(ALL_MODES)
     unknown = [mode for mode in modes if mode not in ALL_MODES]
     if unknown:
@@ -311,6 +324,58 @@ async def _bench(config: Config, args: argparse.Namespace) -> int:
         f"{report['identical_greedy'] or 0:.0%}"
     )
     print(f"Wrote {json_path} and {png_path}")
+    return 0
+
+
+async def _bench_voice(config: Config, args: argparse.Namespace) -> int:
+    import tempfile
+
+    from voice.bench import voice as bench_voice
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    folder = Path(args.fixtures)
+    fixtures = bench_voice.read_manifest(folder)[: args.limit]
+    missing = [fixture.file for fixture in fixtures if not (folder / fixture.file).is_file()]
+    if missing:
+        raise AudioInputError(f"{folder / missing[0]} is listed in MANIFEST.tsv but missing; restore it or fix the manifest")
+    if not fixtures:
+        raise AudioInputError(f"{folder / 'MANIFEST.tsv'} lists no spoken fixtures (kinds {', '.join(bench_voice.SPOKEN_KINDS)})")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise AudioInputError(f"--output-dir: {output_dir} is a file; name a folder")
+
+    from voice.pipeline import load_assistant
+
+    assistant = await load_assistant(config, speculative=True)
+    if not assistant.llm.can_speculate:
+        raise ConfigError("voice bench voice compares speculation on and off; set llm.speculative: true")
+    print(f"Benchmarking {len(fixtures)} spoken fixtures, speculation on and off, interleaved", flush=True)
+    llm = config.llm
+    settings = {
+        "target": llm.target,
+        "draft": llm.draft if llm.drafter != "prompt_lookup" else "-",
+        "drafter": llm.drafter,
+        "draft_tokens": llm.draft_tokens,
+        "adaptive_draft": llm.adaptive_draft,
+        "draft_weights": llm.draft_weights,
+        "draft_vocab": llm.draft_vocab,
+        "asr": config.asr.model,
+        "voice": config.tts.voice,
+        "first_chunk_min_words": config.tts.first_chunk_min_words,
+    }
+    command = "voice bench voice" + (f" --limit {args.limit}" if args.limit else "")
+    with tempfile.TemporaryDirectory() as replies:
+        progress = bench_voice.progress_bar(2 * len(fixtures))
+        turns = await bench_voice.run_voice_benchmark(assistant, folder, fixtures, Path(replies), progress)
+    report = bench_voice.build_report(turns, settings, command)
+    paths = bench_voice.write_report(report, turns, output_dir)
+    print(bench_voice.format_table(report))
+    print(
+        f"First audio with speculation: p50 {report['first_audio_ms_p50'] or 0:.0f} ms, p95 {report['first_audio_ms_p95'] or 0:.0f} ms; "
+        f"{report['first_audio_speedup'] or 0:.2f}x sooner than without; word error rate {report['wer'] or 0:.1%}"
+    )
+    print("Wrote " + ", ".join(str(path) for path in paths if path.exists()))
     return 0
 
 

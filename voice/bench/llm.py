@@ -25,8 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -37,6 +35,7 @@ from typing import Any
 import torch
 
 from voice.bench import ALL_MODES, OUR_MODES
+from voice.bench.machine import machine_description
 from voice.bench.prompts import CATEGORIES, PROMPTS, BenchPrompt, chat_messages
 from voice.bench.transformers_baselines import current_rss_bytes, peak_rss_bytes, run_generate
 from voice.config import Config
@@ -328,33 +327,6 @@ def summarize(runs: list[Run], modes: list[str]) -> dict[str, Any]:
     identical = [summary["modes"][mode]["identical_greedy"] for mode in modes if mode != PLAIN]
     summary["identical_greedy"] = min(identical) if identical else None
     return summary
-
-
-def machine_description() -> dict[str, Any]:
-    """CPU model, core count, memory and package versions, for the report."""
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("", platform.machine()):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_bytes": memory,
-        "simd": [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
 
 
 def write_plot(report: dict[str, Any], path: Path) -> None:
