@@ -367,7 +367,14 @@ async def _bench_voice(config: Config, args: argparse.Namespace) -> int:
     command = "voice bench voice" + (f" --limit {args.limit}" if args.limit else "")
     with tempfile.TemporaryDirectory() as replies:
         progress = bench_voice.progress_bar(2 * len(fixtures))
-        turns = await bench_voice.run_voice_benchmark(assistant, folder, fixtures, Path(replies), progress)
+        # The per-turn INFO lines would break up the progress bar; the report has every turn.
+        turn_logger = logging.getLogger("voice.pipeline")
+        level = turn_logger.level
+        turn_logger.setLevel(logging.WARNING)
+        try:
+            turns = await bench_voice.run_voice_benchmark(assistant, folder, fixtures, Path(replies), progress)
+        finally:
+            turn_logger.setLevel(level)
     report = bench_voice.build_report(turns, settings, command)
     paths = bench_voice.write_report(report, turns, output_dir)
     print(bench_voice.format_table(report))
