@@ -1,4 +1,4 @@
-"""Command line: ``voice respond``, ``chat``, ``say``, ``mqtt``, ``prepare``, ``devices`` and ``bench``.
+"""Command line: ``voice respond``, ``chat``, ``listen``, ``say``, ``mqtt``, ``prepare``, ``devices`` and ``bench``.
 
 Front ends only pick an input, an output and options; the turn itself runs in
 ``voice.pipeline``. User mistakes end in one line on stderr and a non-zero exit code.
@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--speak", action="store_true", help="also speak each answer on the speaker")
     chat.add_argument("--no-speculation", action="store_true", help="decode with the target model alone, for comparison")
+
+    listen = add_command(
+        "listen",
+        "hands-free: listen on the microphone and answer out loud, turn after turn",
+        "Listen on the microphone, end each turn at a pause, and speak the answer as soon as it is ready. "
+        "Speaking over an answer interrupts it (listen.barge_in). Ctrl-C ends the session.",
+    )
+    listen.add_argument("--no-speculation", action="store_true", help="decode with the target model alone, for comparison")
+    listen.add_argument(
+        "--replay", nargs="+", metavar="WAV", help="instead of the microphone, play these recordings into the loop in real time, 1.5 s apart (for demos and tests)"
+    )
 
     say = add_command("say", "speak TEXT with the configured piper voice", "Speak TEXT with the configured piper voice, chunk by chunk.")
     say.add_argument("text", metavar="TEXT", help="text to speak; markdown, URLs and emoji are removed first")
@@ -327,6 +338,34 @@ async def _bench(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _listen(config: Config, args: argparse.Namespace) -> int:
+    from voice.audio.sinks import SpeakerSink
+    from voice.audio.sources import MicrophoneSource, ReplaySource, device_setting
+    from voice.audio.wav import read_wav
+
+    settings = config.listen
+    if args.replay:
+        for path in args.replay:
+            read_wav(path)  # a bad file fails now, not after the models load
+        source = ReplaySource([(1.5, path) for path in args.replay] + [(3.0, None)])
+    else:
+        source = MicrophoneSource(settings.input_device)
+        source.check()
+    speaker_hint = "or set listen.output_device"
+    output = device_setting(settings.output_device)
+    SpeakerSink(output, hint=speaker_hint).check()
+
+    from voice.live import LiveLoop
+    from voice.pipeline import load_assistant
+
+    speculative = False if args.no_speculation else None
+    assistant = await load_assistant(config, speculative=speculative)
+    print("Listening. Speak a question; Ctrl-C ends." + (f" Start with {settings.wake_phrase!r}." if settings.wake_phrase else ""), flush=True)
+    loop = LiveLoop(assistant, settings, source, lambda: SpeakerSink(output, hint=speaker_hint), _PrintingEvents(show_transcript=True))
+    await loop.run()
+    return 0
+
+
 async def _bench_voice(config: Config, args: argparse.Namespace) -> int:
     import tempfile
 
@@ -407,7 +446,7 @@ async def _mqtt(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _run(config: Config, args: argparse.Namespace) -> int:
-    handlers = {"respond": _respond, "chat": _chat, "say": _say, "prepare": _prepare, "bench": _bench, "mqtt": _mqtt}
+    handlers = {"respond": _respond, "chat": _chat, "listen": _listen, "say": _say, "prepare": _prepare, "bench": _bench, "mqtt": _mqtt}
     return await handlers[args.command](config, args)
 
 

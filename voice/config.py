@@ -127,6 +127,33 @@ class TtsConfig:
 
 
 @dataclass
+class ListenConfig:
+    """Live mode (``voice listen``): devices, endpointing, barge-in and the wake phrase."""
+
+    input_device: str = ""
+    """Microphone by name (or part of it) or index from ``voice devices``; empty is the default."""
+    output_device: str = ""
+    """Speaker by name or index; empty is the default."""
+    silence_ms: int = field(default=600, metadata={"range": (100, 5000)})
+    """Silence after speech that ends a turn."""
+    vad_aggressiveness: int = field(default=2, metadata={"range": (0, 3)})
+    """webrtcvad mode for endpointing: 0 takes the most audio as speech, 3 the least."""
+    max_turn_s: float = field(default=15.0, metadata={"range": (1.0, 120.0)})
+    """A turn longer than this ends where it is."""
+    preroll_ms: int = field(default=300, metadata={"range": (0, 2000)})
+    """Audio kept from before speech was detected, so the first syllable is not cut."""
+    min_speech_ms: int = field(default=150, metadata={"range": (30, 5000)})
+    """Voiced audio a turn needs; shorter ones are dropped as noise."""
+    barge_in: bool = True
+    """Speaking over a reply stops it and cancels the rest of the answer."""
+    barge_in_margin: float = field(default=3.0, metadata={"range": (1.0, 100.0)})
+    """How many times louder than the measured echo of the reply the microphone must be,
+    relative to the reply's own level, before speech over a reply counts as barge-in."""
+    wake_phrase: str = ""
+    """When set, a turn is answered only if it begins with this phrase, which is removed."""
+
+
+@dataclass
 class MqttConfig:
     """The MQTT service (``voice mqtt``): broker connection, topics and limits."""
 
@@ -174,6 +201,7 @@ class Config:
     asr: AsrConfig = field(default_factory=AsrConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
     tts: TtsConfig = field(default_factory=TtsConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     allow_download: bool = False
     """Let Hugging Face ids download missing model files; off keeps the program offline."""

@@ -17,6 +17,8 @@ class TurnMetrics:
     started_at: float = field(default_factory=time.perf_counter)
     """perf_counter() at the end of the input; the zero of every ``*_ms`` field."""
     input_audio_s: float | None = None
+    endpoint_ms: int | None = None
+    """When the endpointer decided the turn was over (live mode)."""
     asr_ms: int | None = None
     first_token_ms: int | None = None
     """First verified answer token."""
@@ -50,6 +52,8 @@ class TurnMetrics:
             return "-" if value is None else f"{value}{unit}"
 
         parts = []
+        if self.endpoint_ms is not None:
+            parts.append(f"endpoint {show(self.endpoint_ms)}")
         if self.asr_ms is not None:
             parts.append(f"asr {show(self.asr_ms)}")
         parts.append(f"first token {show(self.first_token_ms)}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -77,14 +78,19 @@ class Assistant:
         events: TurnEvents | None = None,
         speculative: bool | None = None,
         started_at: float | None = None,
+        endpoint_ms: int | None = None,
+        accept: Callable[[str], str | None] | None = None,
     ) -> TurnResult:
         """Answer 16 kHz mono speech; returns without an answer when no speech is found.
 
         ``started_at`` (a ``time.perf_counter()`` value) is the zero of the turn's timings
-        when the request arrived before this call, as a queued MQTT request does.
+        when it lies before this call: the end of speech in live mode, or the arrival of
+        a queued MQTT request. ``endpoint_ms`` is when the endpointer decided the turn
+        was over, on the same scale. ``accept`` maps the transcript to the question to
+        answer, or to None to drop the turn (a missing wake phrase).
         """
         events = events or TurnEvents()
-        metrics = _metrics(started_at, input_audio_s=len(audio) / 16_000)
+        metrics = _metrics(started_at, input_audio_s=len(audio) / 16_000, endpoint_ms=endpoint_ms)
         if self.recognizer is None:
             raise RuntimeError("this Assistant was built without a recognizer")
         transcript = await asyncio.to_thread(self.recognizer.transcribe, audio)
@@ -94,7 +100,12 @@ class Assistant:
             metrics.total_ms = metrics.elapsed_ms()
             logger.info("turn: no speech detected, because %s | asr %d ms", transcript.reason, metrics.asr_ms)
             return TurnResult(transcript, "", metrics)
-        answer = await self._answer(transcript.text, sink, events, metrics, speculative)
+        question = accept(transcript.text) if accept else transcript.text
+        if not question:
+            metrics.total_ms = metrics.elapsed_ms()
+            logger.info("turn: not addressed to the assistant: %r | asr %d ms", transcript.text, metrics.asr_ms)
+            return TurnResult(transcript, "", metrics)
+        answer = await self._answer(question, sink, events, metrics, speculative)
         return TurnResult(transcript, answer, metrics)
 
     async def respond_to_text(
@@ -120,8 +131,11 @@ class Assistant:
         speak = sink is not None and self.synthesizer is not None
         metrics.spoken = speak
         chunks: asyncio.Queue[str | None] = asyncio.Queue(_QUEUE_SIZE)
-        audio: asyncio.Queue[np.ndarray | None] = asyncio.Queue(_QUEUE_SIZE)
+        # (samples, the text chunk they belong to, whether they end it)
+        audio: asyncio.Queue[tuple[np.ndarray, str, bool] | None] = asyncio.Queue(_QUEUE_SIZE)
         parts: list[str] = []
+        spoken: list[str] = []
+        """Text chunks whose audio was written to the sink in full."""
 
         async def generate() -> None:
             chunker = SpeechChunker(self.config.tts.first_chunk_min_words, self.config.tts.max_chunk_chars)
@@ -145,17 +159,28 @@ class Assistant:
         async def synthesize() -> None:
             try:
                 while (chunk := await chunks.get()) is not None:
-                    for samples in await asyncio.to_thread(self.synthesizer.synthesize_all, chunk):
-                        await audio.put(samples)
+                    pieces = await asyncio.to_thread(self.synthesizer.synthesize_all, chunk)
+                    for number, samples in enumerate(pieces):
+                        await audio.put((samples, chunk, number == len(pieces) - 1))
             finally:
                 await audio.put(None)
 
         async def play() -> None:
-            while (samples := await audio.get()) is not None:
-                await sink.write(samples)
-                metrics.audio_s += len(samples) / self.synthesizer.sample_rate
-                if metrics.first_audio_ms is None:
-                    metrics.first_audio_ms = metrics.elapsed_ms()
+            try:
+                while (item := await audio.get()) is not None:
+                    samples, chunk, last = item
+                    if metrics.first_audio_ms is None:
+                        # Taken before the write: a speaker's write returns only when played.
+                        metrics.first_audio_ms = metrics.elapsed_ms()
+                    await sink.write(samples)
+                    metrics.audio_s += len(samples) / self.synthesizer.sample_rate
+                    if last:
+                        spoken.append(chunk)
+            except asyncio.CancelledError:
+                # Silence the output now: the task group still waits for the decoder to
+                # finish its current step (up to a target pass) before the sink closes.
+                sink.interrupt()
+                raise
 
         ok = False
         if speak:
@@ -170,6 +195,10 @@ class Assistant:
         finally:
             if speak:
                 await sink.close(ok)
+                if not ok:
+                    # Cut off (barge-in) or failed: the history keeps what the user heard.
+                    # NOTE: a chunk counts as heard only once all its audio was written.
+                    self.llm.replace_last_answer(question, " ".join(spoken))
         metrics.total_ms = metrics.elapsed_ms()
         self._record_decoding(metrics)
         logger.info("turn: %s", metrics.summary())

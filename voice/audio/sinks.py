@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,9 @@ class AudioSink:
 
     async def close(self, ok: bool) -> None:
         pass
+
+    def interrupt(self) -> None:
+        """Stop playing at once (barge-in); ``close(ok=False)`` still follows."""
 
 
 class NullSink(AudioSink):
@@ -57,10 +63,60 @@ class WavFileSink(AudioSink):
             await asyncio.to_thread(writer.discard)
 
 
-class SpeakerSink(AudioSink):
+class PacedSink(AudioSink):
+    """An output that plays in real time, written in 50 ms pieces so a stop takes effect at once.
+
+    ``close(ok=False)`` stops the piece loop before its next piece and aborts the device,
+    which is how barge-in silences a reply within a fraction of a second.
+    ``played`` lists (time.perf_counter() at the start of a piece, its RMS level), which
+    the live loop compares with the microphone to tell its own echo from a user.
+    """
+
+    PIECE_MS = 50
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self.played: deque[tuple[float, float]] = deque(maxlen=400)
+
+    async def open(self, sample_rate: int) -> None:
+        await super().open(sample_rate)
+        self._stop.clear()
+
+    async def write(self, samples: np.ndarray) -> None:
+        await asyncio.to_thread(self._write_pieces, np.ascontiguousarray(samples, dtype=np.float32))
+
+    def _write_pieces(self, samples: np.ndarray) -> None:
+        step = max(1, self.sample_rate * self.PIECE_MS // 1000)
+        for start in range(0, len(samples), step):
+            if self._stop.is_set():
+                return
+            piece = samples[start : start + step]
+            self.played.append((time.perf_counter(), float(np.sqrt(np.mean(piece * piece)))))
+            self._play(piece)
+
+    def _play(self, piece: np.ndarray) -> None:
+        """Play one piece, returning when the device has taken it (at the pace of playback)."""
+        raise NotImplementedError
+
+    def level(self, since: float, until: float) -> float | None:
+        """RMS of what was played between two perf_counter() times; None when nothing was."""
+        window = since - self.PIECE_MS / 1000
+        levels = [rms for started, rms in list(self.played) if window <= started <= until]
+        return max(levels) if levels else None
+
+    def interrupt(self) -> None:
+        self._stop.set()
+
+    async def close(self, ok: bool) -> None:
+        if not ok:
+            self._stop.set()
+
+
+class SpeakerSink(PacedSink):
     """Plays the reply through a sounddevice output stream."""
 
     def __init__(self, device: int | str | None = None, hint: str = "") -> None:
+        super().__init__()
         self.device = device
         self.hint = hint
         """The alternative the error messages offer, such as "or write to a file with --output"."""
@@ -96,11 +152,14 @@ class SpeakerSink(AudioSink):
                 f"Cannot open {self._device_name()} at {sample_rate} Hz: {error}. Run 'voice devices' to list devices, {self.hint}".rstrip(", ")
             ) from None
 
-    async def write(self, samples: np.ndarray) -> None:
-        # A blocking write paces the caller at the speed of playback.
-        await asyncio.to_thread(self._stream.write, samples.astype(np.float32).reshape(-1, 1))
+    def _play(self, piece: np.ndarray) -> None:
+        stream = self._stream  # close() may clear it from the event loop's thread
+        if stream is not None:
+            # A blocking write paces the caller at the speed of playback.
+            stream.write(piece.reshape(-1, 1))
 
     async def close(self, ok: bool) -> None:
+        await super().close(ok)
         if self._stream is None:
             return
         stream, self._stream = self._stream, None
@@ -129,6 +188,10 @@ class TeeSink(AudioSink):
     async def write(self, samples: np.ndarray) -> None:
         for sink in self.sinks:
             await sink.write(samples)
+
+    def interrupt(self) -> None:
+        for sink in self.sinks:
+            sink.interrupt()
 
     async def close(self, ok: bool) -> None:
         # Every sink is closed even when one fails, so no partial file is left behind.

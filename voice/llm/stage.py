@@ -85,6 +85,16 @@ class LanguageModelStage:
         self.conversation.clear()
         self.warm_up()
 
+    def replace_last_answer(self, user_text: str, assistant_text: str) -> None:
+        """Replace the answer of the last exchange, if it is the one to ``user_text``.
+
+        The decoder's caches may still contain the longer answer; the next prompt differs
+        from them there, and only the common prefix is reused.
+        """
+        history = self.conversation.history
+        if history and history[-1].user == user_text:
+            history[-1].assistant = assistant_text.strip()
+
     def prompt_ids(self, user_text: str) -> list[int]:
         limit = self.config.max_context_tokens - self.config.max_new_tokens
         return self.conversation.prompt_ids(self.tokenizer, user_text, limit)

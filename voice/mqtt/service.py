@@ -458,6 +458,9 @@ class _MutableSink(AudioSink):
         if not self.service.muted:
             await self.sink.write(samples)
 
+    def interrupt(self) -> None:
+        self.sink.interrupt()
+
     async def close(self, ok: bool) -> None:
         # Abort rather than drain the device buffer when muted mid-reply.
         await self.sink.close(ok and not self.service.muted)
