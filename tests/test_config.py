@@ -67,12 +67,14 @@ def test_float_field_accepts_integer(tmp_path):
         ("mqtt:\n  tls_ca_certs: /no/such/ca.pem\n", "mqtt.tls_ca_certs: '/no/such/ca.pem' not found"),
         ("mqtt:\n  client_id: ''\n", "mqtt.client_id must not be empty"),
         ("mqtt:\n  queue_size: -1\n", "mqtt.queue_size must be an integer from 0 to 100"),
+        ("mqtt:\n  site_ids: [default, default]\n", "mqtt.site_ids lists 'default' more than once"),
     ],
     ids=["unknown-nested", "unknown-top", "wrong-type", "below-range", "bool-for-int", "string-for-bool",
          "bad-choice", "above-range", "vad-range", "section-not-mapping", "top-not-mapping", "bad-yaml", "empty-prompt",
          "negative-temperature", "zero-top-p", "top-p-above-one", "negative-top-k", "unknown-drafter", "unknown-weights",
          "lookup-range", "stop-not-list", "empty-stop", "no-room-for-prompt", "mqtt-port", "mqtt-wildcard-prefix",
-         "mqtt-no-sites", "mqtt-site-slash", "mqtt-missing-ca", "mqtt-empty-client-id", "mqtt-negative-queue"],
+         "mqtt-no-sites", "mqtt-site-slash", "mqtt-missing-ca", "mqtt-empty-client-id", "mqtt-negative-queue",
+         "mqtt-repeated-site"],
 )
 def test_invalid_config_names_file_and_key(tmp_path, text, expected):
     path = write(tmp_path, text)

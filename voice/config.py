@@ -330,6 +330,9 @@ def _check_mqtt(mqtt: MqttConfig, path: Path) -> None:
             raise ConfigError(f"{path}: mqtt.site_ids: {site!r} must not contain / # or +")
     if not mqtt.site_ids:
         raise ConfigError(f"{path}: mqtt.site_ids must name at least one site, such as default")
+    repeated = sorted({site for site in mqtt.site_ids if mqtt.site_ids.count(site) > 1})
+    if repeated:
+        raise ConfigError(f"{path}: mqtt.site_ids lists {repeated[0]!r} more than once; name each site once")
     for key in ("tls_ca_certs", "tls_certfile", "tls_keyfile"):
         value = getattr(mqtt, key)
         if value and not Path(value).expanduser().is_file():

@@ -78,6 +78,7 @@ def test_hermes_nlu_query_is_answered(assistant, observer, start_service):
         (b'{"id": "m8", "wav": "/nonexistent/question.wav"}', "bad_audio", "m8"),
         (b'{"id": [1], "text": "hi"}', "invalid_request", None),
         (b'\xff\xfe\x00', "invalid_json", None),
+        (b'{"id": "m9", "text": "\\ud800"}', "invalid_request", "m9"),
     ],
 )
 def test_malformed_request_gets_error_and_service_keeps_running(assistant, observer, start_service, payload, code, request_id):
@@ -98,6 +99,7 @@ def test_oversized_payload_rejected(assistant, observer, start_service):
     observer.publish(ASK, {"id": "big", "text": "x" * 2000})
     error = observer.wait_for_payload("voice/error", code="payload_too_large")
     assert "1024" in error["error"]
+    assert error["id"] == "big"
     observer.publish(ASK, {"id": "small", "text": "Hello"})
     observer.wait_for_payload("voice/answer", id="small")
 
@@ -110,6 +112,8 @@ def test_repeated_request_id_answered_once(assistant, observer, start_service):
     observer.publish(ASK, {"id": "later", "text": "Hello again"})
     observer.wait_for_payload("voice/answer", id="later")
     assert len(observer.payloads("voice/answer", id="once")) == 1
+    duplicate = observer.wait_for_payload("voice/error", code="duplicate_id")
+    assert duplicate["id"] == "once"
 
 
 def test_two_sites_answered_one_at_a_time_in_arrival_order(qwen_tokenizer, observer, start_service):
@@ -224,7 +228,9 @@ def test_stop_replies_to_queued_requests_and_goes_offline(qwen_tokenizer, observ
     assert runner.error is None
     # The current turn finished; the queued one got a shutting_down error.
     observer.wait_for_payload("voice/answer", id="current")
-    observer.wait_for_payload("voice/error", id="queued", code="shutting_down")
+    queued = observer.wait_for_payload("voice/error", id="queued", code="shutting_down")
+    ended = observer.wait_for_payload(protocol.SESSION_ENDED, sessionId=queued["sessionId"])
+    assert ended["termination"]["reason"] == "error"
     observer.wait_for(lambda: observer.on("voice/status")[-1].payload == b"offline", what="offline status")
 
 
@@ -315,8 +321,8 @@ def test_retained_request_is_not_answered(assistant, broker, observer, start_ser
     observer.client.publish(ASK, json.dumps({"id": "sticky", "text": "Hello"}), qos=1, retain=True).wait_for_publish(10)
     start_service(assistant)
     wait_online(observer)
-    error = observer.wait_for_payload("voice/error", code="invalid_request")
-    assert "retain" in error["error"]
+    error = observer.wait_for_payload("voice/error", code="retained")
+    assert error["id"] == "sticky"
     observer.publish(ASK, {"id": "plain", "text": "Hello"})
     observer.wait_for_payload("voice/answer", id="plain")
     assert not observer.payloads("voice/answer", id="sticky")
@@ -351,3 +357,27 @@ def test_mute_silences_a_reply_already_playing():
     asyncio.run(play(Service(), recorder))
     assert len(recorder.chunks) == 1
     assert recorder.closed_ok is False  # aborted, not drained
+
+
+def test_empty_message_is_ignored(assistant, observer, start_service):
+    start_service(assistant)
+    wait_online(observer)
+    # An empty retained publish is how a client deletes a retained request.
+    observer.publish(ASK, b"")
+    observer.publish(ASK, {"id": "next", "text": "Hello"})
+    observer.wait_for_payload("voice/answer", id="next")
+    assert not observer.on("voice/error")
+
+
+def test_relative_paths_are_taken_inside_the_file_root(tmp_path):
+    from voice.config import MqttConfig
+    from voice.mqtt.protocol import RequestError, Topics, parse_request
+
+    config = MqttConfig(file_root=str(tmp_path))
+    topics = Topics.under("voice")
+    request = parse_request(ASK, json.dumps({"wav": "q.wav", "output": "replies/a.wav"}).encode(), config, topics)
+    assert request.wav == str(tmp_path.resolve() / "q.wav")
+    assert request.output == str(tmp_path.resolve() / "replies" / "a.wav")
+    with pytest.raises(RequestError) as raised:
+        parse_request(ASK, json.dumps({"wav": "../outside.wav"}).encode(), config, topics)
+    assert raised.value.code == "bad_audio"

@@ -336,32 +336,33 @@ def load_speech(path: str | os.PathLike[str]) -> np.ndarray:
     return resample(to_mono(samples), sample_rate, SPEECH_SAMPLE_RATE)
 
 
-def check_output_path(path: str | os.PathLike[str], probe_write: bool = False) -> None:
+def check_output_path(path: str | os.PathLike[str], probe_write: bool = False, setting: str = "--output") -> None:
     """Raise AudioInputError unless a reply can be written to ``path``.
 
     ``probe_write`` also creates and deletes a file in the folder, which finds a
-    read-only folder before any work is done.
+    read-only folder before any work is done. ``setting`` names where the path came
+    from in the messages (a command-line option or a request field).
     """
     if not str(path):
-        raise AudioInputError("Output path is empty: give a file name such as reply.wav with --output.")
+        raise AudioInputError(f"Output path is empty: give a file name such as reply.wav in {setting}.")
     path = Path(path)
     folder = path.parent
     if path.is_dir():
         raise AudioInputError(
-            f"Output path is a directory: {path}. Choose a file name inside it with --output, "
+            f"Output path is a directory: {path}. Choose a file name inside it for {setting}, "
             f"for example {path / 'reply.wav'}."
         )
     if folder.exists() and not folder.is_dir():
-        raise AudioInputError(f"Output folder {folder} is a file, not a folder. Choose another --output path.")
+        raise AudioInputError(f"Output folder {folder} is a file, not a folder. Choose another {setting} path.")
     if not folder.is_dir():
-        raise AudioInputError(f"Output folder does not exist: {folder}. Create it or choose another --output path.")
+        raise AudioInputError(f"Output folder does not exist: {folder}. Create it or choose another {setting} path.")
     if probe_write:
         try:
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".voice-write-check."):
                 pass
         except OSError as error:
             raise AudioInputError(
-                f"Output folder is not writable: {folder} ({error.strerror}). Choose another --output path."
+                f"Output folder is not writable: {folder} ({error.strerror}). Choose another {setting} path."
             ) from None
 
 

@@ -32,9 +32,12 @@ SESSION_ENDED = "hermes/dialogueManager/sessionEnded"
 # question anyway, and the cut would change its meaning silently.
 MAX_TEXT_CHARS = 2000
 
+# Payloads up to this size are still read for their id when they are rejected as a whole.
+_PEEK_LIMIT = 1 << 20
+
 ErrorCode = Literal[
     "invalid_json", "invalid_request", "payload_too_large", "unknown_site", "busy",
-    "bad_audio", "bad_output", "no_speech", "audio_device", "shutting_down", "internal",
+    "bad_audio", "bad_output", "no_speech", "audio_device", "duplicate_id", "retained", "shutting_down", "internal",
 ]
 
 
@@ -100,6 +103,25 @@ class RequestError(Exception):
         return {"id": self.request_id, "siteId": self.site_id, "sessionId": self.session_id, "code": self.code, "error": str(self)}
 
 
+def peek_ids(payload: bytes) -> tuple[str | None, str | None]:
+    """Return the request's id and siteId if the payload is a readable JSON object, else Nones.
+
+    Used for errors about a request that is rejected as a whole, so the sender can still
+    match the error to its request.
+    """
+    if len(payload) > _PEEK_LIMIT:
+        return None, None
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    request_id, site_id = data.get("id"), data.get("siteId")
+    request_id = str(request_id) if isinstance(request_id, (str, int)) and not isinstance(request_id, bool) else None
+    return request_id, site_id if isinstance(site_id, str) else None
+
+
 def parse_request(topic: str, payload: bytes, config: MqttConfig, topics: Topics) -> Request:
     """Check one request message and return it; raise RequestError naming the field and the fix."""
     if len(payload) > config.max_payload_bytes:
@@ -107,6 +129,7 @@ def parse_request(topic: str, payload: bytes, config: MqttConfig, topics: Topics
             "payload_too_large",
             f"payload of {len(payload)} bytes is over the limit of {config.max_payload_bytes} bytes (mqtt.max_payload_bytes); "
             "send a shorter request or a WAV file path instead of audio",
+            *peek_ids(payload),
         )
     try:
         data = json.loads(payload)
@@ -184,21 +207,28 @@ def _required_text(data: dict, key: str, topic: str, problem) -> str:
         raise problem("invalid_request", f"'{key}' on {topic} must be a string, got {value!r}")
     if not value.strip():
         raise problem("invalid_request", f"'{key}' on {topic} is empty; send the words to answer or speak")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON allows escaped lone surrogates ("\ud800"), which no tokenizer can take.
+        raise problem("invalid_request", f"'{key}' on {topic} contains an invalid character (a lone UTF-16 surrogate); send valid Unicode text") from None
     if len(value) > MAX_TEXT_CHARS:
         raise problem("invalid_request", f"'{key}' on {topic} has {len(value)} characters; the limit is {MAX_TEXT_CHARS}")
     return value.strip()
 
 
 def _path(data: dict, key: str, config: MqttConfig, problem) -> str:
+    """Return the path in ``data[key]``; a relative path is taken inside mqtt.file_root when that is set."""
     value = data[key]
     if not isinstance(value, str) or not value:
         raise problem("invalid_request", f"'{key}' must be a file path, got {value!r}")
     if config.file_root:
         root = Path(config.file_root).expanduser().resolve()
-        resolved = Path(value).expanduser().resolve()
+        resolved = (root / Path(value).expanduser()).resolve()
         if not resolved.is_relative_to(root):
             code = "bad_audio" if key == "wav" else "bad_output"
             raise problem(code, f"'{key}' {value!r} is outside mqtt.file_root ({root}); use a path inside it")
+        return str(resolved)
     return value
 
 

@@ -252,9 +252,15 @@ class MqttService:
                 logger.info("Home Assistant came online; sending discovery again")
                 self._send_discovery()
                 self.send(self.topics.state, protocol.dumps(self._state), retain=True)
+        elif not payload:
+            # An empty payload is how a retained message is deleted, not a request.
+            logger.debug("Ignoring an empty message on %s", topic)
         elif message.retain:
-            # A retained request would be answered again on every reconnection.
-            self.publish(self.topics.error, RequestError("invalid_request", f"retained message on {topic} ignored; publish requests without the retain flag").payload())
+            # The broker hands a retained request to every new subscription, so it would
+            # be answered again after each reconnection.
+            request_id, site_id = protocol.peek_ids(payload)
+            error = RequestError("retained", f"retained message on {topic} ignored; publish requests without the retain flag", request_id, site_id)
+            self.publish(self.topics.error, error.payload())
         else:
             self._accept(topic, payload)
 
@@ -277,7 +283,8 @@ class MqttService:
         request.received_at = time.perf_counter()
         key = (request.site_id, request.id)
         if key in self._seen:
-            logger.info("Request %s from %s was delivered again; ignoring the copy", request.id, request.site_id)
+            # A QoS 1 redelivery or a reused id: either way the first one is answered.
+            self._reject(request, "duplicate_id", f"request id {request.id!r} from {request.site_id} was already received and is answered once; use a new id for a new request")
             return
         if self._stopping.is_set():
             self._reject(request, "shutting_down", "the service is stopping; send the request again once it is back online")
@@ -309,6 +316,7 @@ class MqttService:
             try:
                 await asyncio.wait([self._turn])
                 if self._turn.cancelled():
+                    self._reject(request, "shutting_down", "the answer was cancelled by a second stop signal; send the request again once the service is back online")
                     self._end_session(request, "abortedByUser", "cancelled at shutdown")
                 elif (error := self._turn.exception()) is not None:
                     logger.error("Request %s failed", request.id, exc_info=error)
@@ -323,6 +331,7 @@ class MqttService:
             request = self._requests.get_nowait()
             if request is not None:
                 self._reject(request, "shutting_down", "the service stopped before answering; send the request again once it is back online")
+                self._end_session(request, "error", "the service stopped")
 
     async def _serve(self, request: Request) -> None:
         self.publish(protocol.SESSION_STARTED, self._session(request))
@@ -358,11 +367,10 @@ class MqttService:
                 raise RequestError("bad_audio", str(error)) from None
             result = await self.assistant.respond_to_audio(audio, sink, events, started_at=request.received_at)
             if not result.transcript.has_speech:
-                self.set_state(transcript="", answer="", latency_ms=None)
                 raise RequestError("no_speech", f"no speech in {request.wav}: {result.transcript.reason}; nothing was answered")
         else:
+            self.set_state(transcript=request.text[:MAX_STATE_CHARS])
             result = await self.assistant.respond_to_text(request.text, sink, events, started_at=request.received_at)
-            self.set_state(transcript=request.text)
         metrics = result.metrics
         answer = {"text": result.answer, "transcript": result.transcript.text if result.transcript else request.text}
         if request.output:
@@ -379,7 +387,7 @@ class MqttService:
             from voice.audio.wav import check_output_path
 
             try:
-                check_output_path(request.output, probe_write=True)
+                check_output_path(request.output, probe_write=True, setting="the request's 'output'")
             except VoiceError as error:
                 raise RequestError("bad_output", str(error)) from None
             sinks.append(WavFileSink(request.output))
