@@ -45,7 +45,6 @@ def test_spoken_question_answered_into_wav(assistant, observer, start_service, t
     assert metrics["speculative"]
     # None when the adaptive draft length chose not to draft for this short answer.
     assert metrics["acceptance_rate"] is None or 0 <= metrics["acceptance_rate"] <= 1
-    assert sum(metrics["accept_counts"]) >= 0
     assert 0 < metrics["first_token_ms"] <= metrics["first_audio_ms"] <= metrics["total_ms"]
 
 
