@@ -147,3 +147,35 @@ def test_own_voice_echo_neither_interrupts_nor_gets_answered(assistant):
     assert len(turns) == 1
     assert not turns[0].interrupted
     assert "paris" in turns[0].result.answer.lower()
+
+
+@pytest.mark.slow
+def test_live_loop_answers_through_a_real_device(assistant, pulse_device):
+    from voice.audio.sinks import SpeakerSink
+    from voice.audio.sources import MicrophoneSource
+
+    assistant.llm.new_conversation()
+    question = load_speech(FIXTURES / "en_piper_twelve_times_eight.wav")
+    # The assistant's reply goes to the same sink, so the microphone hears it at full
+    # level: the echo gate must keep it from interrupting or being answered.
+    loop = LiveLoop(assistant, listen_config(), MicrophoneSource(pulse_device), lambda: SpeakerSink(pulse_device))
+
+    async def session():
+        async def user_speaks():
+            await asyncio.sleep(1.0)
+            mouth = SpeakerSink(pulse_device)
+            await mouth.open(16_000)
+            await mouth.write(question)
+            await mouth.close(True)
+
+        speaking = asyncio.create_task(user_speaks())
+        turns = await asyncio.wait_for(loop.run(max_turns=1), 120)
+        await speaking
+        return turns
+
+    turns = asyncio.run(session())
+    assert len(turns) == 1
+    assert not turns[0].interrupted
+    answer = turns[0].result.answer.lower()
+    assert "ninety" in answer or "96" in answer
+    assert turns[0].result.metrics.first_audio_ms is not None

@@ -1,17 +1,12 @@
 """The sounddevice input and output against a real PortAudio device: a PulseAudio null sink.
 
-The fixture starts its own PulseAudio server in a private runtime folder with one null
-sink; PortAudio reaches it through ALSA's pulse plugin as the device "pulse". What is
-played to the sink comes back on its monitor, which the microphone source records.
+The ``pulse_device`` fixture (tests/conftest.py) starts a PulseAudio server with one null
+sink. What is played to the sink comes back on its monitor, which the microphone records.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -20,42 +15,6 @@ from voice.audio.sinks import SpeakerSink
 from voice.audio.sources import MicrophoneSource
 from voice.cli import main
 from voice.errors import AudioDeviceError
-
-
-@pytest.fixture(scope="module")
-def pulse_device(tmp_path_factory):
-    if shutil.which("pulseaudio") is None:
-        pytest.fail("pulseaudio is not installed; install it with: apt-get install pulseaudio pulseaudio-utils libasound2-plugins")
-    runtime = tmp_path_factory.mktemp("pulse-runtime")
-    runtime.chmod(0o700)
-    saved = {key: os.environ.get(key) for key in ("XDG_RUNTIME_DIR", "PULSE_SERVER")}
-    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
-    os.environ["PULSE_SERVER"] = f"unix:{runtime}/pulse/native"
-    subprocess.run(
-        ["pulseaudio", "--daemonize=yes", "--exit-idle-time=-1", "-n", "--load=module-native-protocol-unix", "--load=module-null-sink sink_name=voice_test"],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    deadline = time.monotonic() + 10
-    while subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
-        if time.monotonic() > deadline:
-            pytest.fail("the test's PulseAudio server did not start within 10 s")
-        time.sleep(0.1)
-    import sounddevice
-
-    # PortAudio lists devices once, when it starts: start it again to see the new server.
-    sounddevice._terminate()
-    sounddevice._initialize()
-    yield "pulse"
-    subprocess.run(["pactl", "exit"], capture_output=True)
-    sounddevice._terminate()
-    sounddevice._initialize()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def test_played_tone_is_recorded_through_the_device(pulse_device):
