@@ -76,7 +76,7 @@ def main() -> None:
         mqtt = MqttConfig(host="127.0.0.1", port=broker.port, speaker=False, discovery=False)
         runner = ServiceThread(MqttService(assistant, Config(mqtt=mqtt)))
         observer = Observer(broker.port, client_id="measure-mqtt", topics=("voice/#",))
-        observer.wait_for(lambda: observer.on("voice/status"), what="the service online")
+        observer.wait_for(lambda: observer.on("voice/status"), description="the service online")
         try:
             rows = fixtures_of_kind("question", "command")[: args.limit]
             for number, row in enumerate(rows):
@@ -107,8 +107,8 @@ def main() -> None:
         medians = {path: statistics.median(numbers) if numbers else None for path, numbers in values.items()}
         ratio = medians["mqtt"] / medians["respond"] if medians["mqtt"] and medians["respond"] else None
         summary[field] = {**medians, "mqtt_over_respond": ratio}
-        shown = ["-" if value is None else f"{value:.0f}" for value in (medians["respond"], medians["mqtt"])]
-        print(f"{field:22s} respond {shown[0]:>6s} ms   mqtt {shown[1]:>6s} ms   ratio {'-' if ratio is None else f'{ratio:.3f}'}")
+        cells = ["-" if value is None else f"{value:.0f}" for value in (medians["respond"], medians["mqtt"])]
+        print(f"{field:22s} respond {cells[0]:>6s} ms   mqtt {cells[1]:>6s} ms   ratio {'-' if ratio is None else f'{ratio:.3f}'}")
     same = sum(a["answer"] == b["answer"] for a, b in zip(turns[::2], turns[1::2], strict=True))
     print(f"identical answers: {same} of {len(turns) // 2}")
     report = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(), "summary": summary, "turns": turns}

@@ -99,7 +99,7 @@ class _EchoGate:
 
 
 class LiveLoop:
-    """Answers turns from ``source`` until it ends or ``max_turns`` were answered."""
+    """Live turns from ``source``, until it ends or ``max_turns`` turns are done."""
 
     def __init__(
         self,
@@ -142,7 +142,7 @@ class LiveLoop:
         The window covers the delay and the room's reverberation between a piece leaving
         the speaker and its echo reaching the microphone, and the quiet gaps between words.
         """
-        if not self.replying or self._sink is None:
+        if self._sink is None:
             return None
         return self._sink.level(now - 0.3, now)
 
@@ -156,7 +156,7 @@ class LiveLoop:
                     self._started_over_reply = self.replying
                 elif isinstance(event, Utterance):
                     self._on_utterance(event, now)
-            await self._collect()
+            self._collect()
             if max_turns is not None and len(self.turns) >= max_turns:
                 break
         else:
@@ -165,7 +165,7 @@ class LiveLoop:
                 self._on_utterance(final, time.perf_counter())
         if self._task is not None:
             await asyncio.wait([self._task])
-            await self._collect()
+            self._collect()
         return self.turns
 
     def _check_echo(self, block: np.ndarray, now: float) -> None:
@@ -176,7 +176,8 @@ class LiveLoop:
         microphone = float(np.sqrt(np.mean(block * block))) if block.size else 0.0
         # The endpointer hears the reply's echo as speech too, so the check runs on every
         # block of speech. A user must stand out from the learned echo level.
-        user = self.config.barge_in and self.endpointer.in_speech and self._interrupted_at is None and self.gate.is_user(microphone, playback)
+        listening = self.config.barge_in and self.endpointer.in_speech and self._interrupted_at is None
+        user = listening and self.gate.is_user(microphone, playback)
         # Two blocks in a row (40 ms), so one misaligned echo peak does not interrupt.
         self._loud_blocks = self._loud_blocks + 1 if user else 0
         if self._loud_blocks >= 2:
@@ -214,7 +215,8 @@ class LiveLoop:
             utterance.audio, self._sink, self.events, started_at=speech_end, endpoint_ms=endpoint_ms, accept=self.accept
         )
 
-    async def _collect(self) -> None:
+    def _collect(self) -> None:
+        """Record the turn task once it is done, finished or interrupted."""
         task = self._task
         if task is None or not task.done():
             return

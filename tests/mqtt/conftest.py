@@ -109,7 +109,7 @@ class Received:
 class Observer:
     """A paho client in its own thread that records every message and can publish requests.
 
-    Its session is persistent and it reconnects by itself, so it also sees what the
+    Its session is persistent and it reconnects by itself, so it also receives what the
     service publishes after a broker restart.
     """
 
@@ -162,7 +162,7 @@ class Observer:
                 found.append(data)
         return found
 
-    def wait_for(self, predicate: Callable[[], object], timeout: float = 30, what: str = "a message") -> object:
+    def wait_for(self, predicate: Callable[[], object], timeout: float = 30, description: str = "a message") -> object:
         deadline = time.monotonic() + timeout
         with self._lock:
             while True:
@@ -172,7 +172,7 @@ class Observer:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     topics = sorted({message.topic for message in self.messages})
-                    raise AssertionError(f"timed out after {timeout} s waiting for {what}; topics seen: {topics}")
+                    raise AssertionError(f"timed out after {timeout} s waiting for {description}; topics seen: {topics}")
                 self._lock.wait(min(remaining, 0.1))
 
     def wait_for_payload(self, topic: str, timeout: float = 30, **match) -> dict:

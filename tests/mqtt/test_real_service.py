@@ -23,7 +23,7 @@ ASK = "voice/ask"
 
 
 def wait_online(observer: Observer) -> None:
-    observer.wait_for(lambda: any(message.payload == b"online" for message in observer.on("voice/status")), timeout=120, what="voice/status online")
+    observer.wait_for(lambda: any(message.payload == b"online" for message in observer.on("voice/status")), timeout=120, description="voice/status online")
 
 
 def test_spoken_question_answered_into_wav(assistant, observer, start_service, tmp_path):
@@ -126,7 +126,7 @@ def test_voice_mqtt_stops_cleanly_after_the_current_turn(broker, observer, tmp_p
     password = "secret-in-config-7f3a"
     process = _start_voice_mqtt(broker, tmp_path, password)
     try:
-        observer.wait_for(lambda: [m for m in observer.on("voice/status") if m.payload == b"online"], timeout=180, what="the service online")
+        observer.wait_for(lambda: [m for m in observer.on("voice/status") if m.payload == b"online"], timeout=180, description="the service online")
         observer.publish(ASK, {"id": "inflight", "text": "Explain how a rainbow forms.", "speak": False})
         observer.wait_for_payload("voice/answer/text", id="inflight", timeout=60)
         started = time.monotonic()

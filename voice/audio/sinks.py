@@ -99,7 +99,7 @@ class PacedSink(AudioSink):
         raise NotImplementedError
 
     def level(self, since: float, until: float) -> float | None:
-        """RMS of what was played between two perf_counter() times; None when nothing was."""
+        """Return the loudest piece RMS played between two perf_counter() times, or None when none was."""
         window = since - self.PIECE_MS / 1000
         levels = [rms for started, rms in list(self.played) if window <= started <= until]
         return max(levels) if levels else None

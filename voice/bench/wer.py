@@ -59,11 +59,11 @@ def normalize(text: str) -> list[str]:
 
 def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
     """Return (substitutions + deletions + insertions, reference word count) after normalizing both."""
-    expected, heard = normalize(reference), normalize(hypothesis)
-    previous = list(range(len(heard) + 1))
+    expected, recognized = normalize(reference), normalize(hypothesis)
+    previous = list(range(len(recognized) + 1))
     for row, word in enumerate(expected, start=1):
         current = [row]
-        for column, other in enumerate(heard, start=1):
+        for column, other in enumerate(recognized, start=1):
             current.append(min(previous[column] + 1, current[column - 1] + 1, previous[column - 1] + (word != other)))
         previous = current
     return previous[-1], len(expected)

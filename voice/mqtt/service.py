@@ -76,7 +76,6 @@ class MqttService:
         self._connected = asyncio.Event()
         self._stopping = asyncio.Event()
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
-        self._answering = False
         self._turn: asyncio.Task | None = None
         self.conversations: dict[str, Conversation] = {}
         """Each site's conversation, by siteId."""
@@ -204,7 +203,7 @@ class MqttService:
         """Availability, discovery and state, sent on every connection: the broker may have lost them."""
         self.send(self.topics.status, b"online", retain=True)
         self._send_discovery()
-        self.send(self.topics.state, protocol.dumps(self._state), retain=True)
+        self._send_state()
 
     def _send_discovery(self) -> None:
         if self.settings.discovery:
@@ -251,7 +250,7 @@ class MqttService:
             if payload.strip() == b"online":
                 logger.info("Home Assistant came online; sending discovery again")
                 self._send_discovery()
-                self.send(self.topics.state, protocol.dumps(self._state), retain=True)
+                self._send_state()
         elif not payload:
             # An empty payload is how a retained message is deleted, not a request.
             logger.debug("Ignoring an empty message on %s", topic)
@@ -259,15 +258,14 @@ class MqttService:
             # The broker hands a retained request to every new subscription, so it would
             # be answered again after each reconnection.
             request_id, site_id = protocol.peek_ids(payload)
-            error = RequestError("retained", f"retained message on {topic} ignored; publish requests without the retain flag", request_id, site_id)
-            self.publish(self.topics.error, error.payload())
+            self._report(RequestError("retained", f"retained message on {topic} ignored; publish requests without the retain flag", request_id, site_id))
         else:
             self._accept(topic, payload)
 
     def _set_mute(self, payload: bytes) -> None:
         value = payload.strip().upper()
         if value not in (b"ON", b"OFF"):
-            self.publish(self.topics.error, RequestError("invalid_request", f"{self.topics.mute_set} takes ON or OFF, got {payload[:40]!r}").payload())
+            self._report(RequestError("invalid_request", f"invalid payload {payload[:40]!r} on {self.topics.mute_set}; send ON or OFF"))
             return
         self.muted = value == b"ON"
         logger.info("Speaker %s", "muted" if self.muted else "unmuted")
@@ -277,8 +275,7 @@ class MqttService:
         try:
             request = protocol.parse_request(topic, payload, self.settings, self.topics)
         except RequestError as error:
-            logger.warning("Rejected a request on %s: %s", topic, error)
-            self.publish(self.topics.error, error.payload())
+            self._report(error)
             return
         request.received_at = time.perf_counter()
         key = (request.site_id, request.id)
@@ -289,7 +286,7 @@ class MqttService:
         if self._stopping.is_set():
             self._reject(request, "shutting_down", "the service is stopping; send the request again once it is back online")
             return
-        ahead = self._requests.qsize() + (1 if self._answering else 0)
+        ahead = self._requests.qsize() + (1 if self._turn is not None else 0)
         if ahead > self.settings.queue_size:
             self._reject(request, "busy", f"{ahead} requests are ahead of this one (mqtt.queue_size is {self.settings.queue_size}); try again shortly")
             return
@@ -301,8 +298,12 @@ class MqttService:
         self._requests.put_nowait(request)
 
     def _reject(self, request: Request, code: protocol.ErrorCode, message: str) -> None:
-        logger.warning("Request %s from %s not answered: %s", request.id, request.site_id, message)
-        self.publish(self.topics.error, RequestError(code, message, request.id, request.site_id, request.session_id).payload())
+        self._report(RequestError(code, message, request.id, request.site_id, request.session_id))
+
+    def _report(self, error: RequestError) -> None:
+        """Log ``error`` with the request's ids and publish it on the error topic."""
+        logger.warning("Request %s from site %s: %s: %s", error.request_id, error.site_id, error.code, error)
+        self.publish(self.topics.error, error.payload())
 
     # -- turns -------------------------------------------------------------------------
 
@@ -311,7 +312,6 @@ class MqttService:
             request = await self._requests.get()
             if request is None:
                 break
-            self._answering = True
             self._turn = asyncio.create_task(self._serve(request), name=f"turn-{request.id}")
             try:
                 await asyncio.wait([self._turn])
@@ -322,7 +322,6 @@ class MqttService:
                     logger.error("Request %s failed", request.id, exc_info=error)
                     self._fail(request, RequestError("internal", f"internal error: {error}; see the service log"))
             finally:
-                self._answering = False
                 self._turn = None
                 self.set_state(state="idle")
             if self._stopping.is_set():
@@ -401,8 +400,7 @@ class MqttService:
 
     def _fail(self, request: Request, error: RequestError) -> None:
         error.request_id, error.site_id, error.session_id = request.id, request.site_id, request.session_id
-        logger.warning("Request %s from %s failed: %s", request.id, request.site_id, error)
-        self.publish(self.topics.error, error.payload())
+        self._report(error)
         self._end_session(request, "error", str(error))
 
     def _session(self, request: Request) -> dict[str, Any]:
@@ -416,6 +414,9 @@ class MqttService:
 
     def set_state(self, **changes: Any) -> None:
         self._state.update(changes)
+        self._send_state()
+
+    def _send_state(self) -> None:
         self.send(self.topics.state, protocol.dumps(self._state), retain=True)
 
 
