@@ -33,7 +33,11 @@ def assistant():
     from voice.config import Config
     from voice.pipeline import load_assistant
 
-    return asyncio.run(load_assistant(Config()))
+    config = Config()
+    # Exactness is checked in float32 (see test_models_run_in_float32); dtype auto would
+    # pick bf16 on a CPU with AVX512-BF16 or AMX.
+    config.llm.dtype = "float32"
+    return asyncio.run(load_assistant(config))
 
 
 @pytest.fixture(scope="session")
