@@ -242,32 +242,58 @@ def _assemble(model: EmbeddedModel, folder: Path) -> None:
     logger.info("Assembled %s (%s) in %.1f s", model.name, model.description, time.monotonic() - started)
 
 
-def _prepared_folder(model: EmbeddedModel, cache: Path) -> Path:
-    """Return the cache folder that contains ``model`` ready to load, building it on first use."""
-    folder = cache / "models" / model.kind / model.name
+def _cached_build(folder: Path, model: EmbeddedModel, cache: Path, build) -> None:
+    """Run ``build(staging)`` and move the result to ``folder`` unless it is already current.
+
+    The build happens beside the final folder and is renamed into place, so an interrupted
+    build never leaves a folder that looks complete. The lock keeps two processes from
+    building at once.
+    """
     if _is_current(folder, model):
-        return folder
+        return
     with _cache_lock(cache):
         if _is_current(folder, model):
-            return folder
-        # Build beside the final folder, then rename, so an interrupted build never
-        # leaves a folder that looks complete.
+            return
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{model.name}.", dir=folder.parent))
         try:
-            if model.kind == "llm":
-                _assemble(model, staging / "gguf")
-                _convert_gguf(staging / "gguf" / model.file_name, staging)
-                shutil.rmtree(staging / "gguf")
-            else:
-                _assemble(model, staging)
+            build(staging)
             _write_marker(staging, model)
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _prepared_folder(model: EmbeddedModel, cache: Path) -> Path:
+    """Return the cache folder that contains ``model`` ready to load, building it on first use."""
+
+    def build(staging: Path) -> None:
+        if model.kind == "llm":
+            _assemble(model, staging / "gguf")
+            _convert_gguf(staging / "gguf" / model.file_name, staging)
+            shutil.rmtree(staging / "gguf")
+        else:
+            _assemble(model, staging)
+
+    folder = cache / "models" / model.kind / model.name
+    _cached_build(folder, model, cache, build)
     return folder
+
+
+def embedded_gguf(spec: str, cache: Path) -> Path | None:
+    """Return the GGUF file of an embedded language model, assembling it on first use.
+
+    The int4 loader reads its Q4_K codes, and the benchmark hands it to llama.cpp. Other
+    model names have no GGUF file and give None.
+    """
+    model = EMBEDDED.get(spec)
+    if model is None or model.kind != "llm":
+        return None
+    folder = cache / "gguf" / model.name
+    _cached_build(folder, model, cache, lambda staging: _assemble(model, staging))
+    return folder / model.file_name
 
 
 def _convert_gguf(gguf_path: Path, out_folder: Path) -> None:
