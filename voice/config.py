@@ -77,8 +77,13 @@ class LlmConfig:
     draft_vocab: int = field(default=32768, metadata={"range": (0, 1_000_000)})
     """Tokens the draft model scores in its output layer, most frequent first; 0 scores
     the whole vocabulary."""
-    draft_weights: Literal["dense", "int8"] = "int8"
-    """int8 quantizes the weights of the draft model's linear layers; its activations stay float32."""
+    draft_weights: Literal["dense", "int8", "int4"] = "int8"
+    """int8: the draft runs in float32 with int8 linear weights (torch dynamic quantization);
+    int4: 4-bit weights in groups of 32, activations in ``dtype``."""
+    target_weights: Literal["dense", "int8", "int4"] = "dense"
+    """Weights of the target's linear layers: dense (``dtype``), int8 (one scale per row) or
+    int4 (groups of 32; an embedded GGUF model keeps its Q4_K codes). The quantized target
+    is the target: speculation stays exact relative to it."""
     draft_threads: int = field(default=0, metadata={"range": (0, 256)})
     """torch CPU threads while the draft model runs; 0 uses the target's setting."""
     lookup_max_ngram: int = field(default=3, metadata={"range": (1, 16)})

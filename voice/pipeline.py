@@ -260,8 +260,9 @@ async def load_assistant(config: Config, need_asr: bool = True, need_tts: bool =
 
 
 def _language_model_stage(loaded, config: LlmConfig, cache: Path) -> LanguageModelStage:
-    from voice.llm.loading import build_drafter
+    from voice.llm.loading import build_drafter, quantize_target
 
+    quantize_target(config, loaded, cache)
     return LanguageModelStage(loaded, config, build_drafter(config, loaded, cache))
 
 

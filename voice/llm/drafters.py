@@ -109,9 +109,8 @@ class ModelDrafter(Drafter):
         self.min_confidence = min_confidence
         # Width of the probability rows handed to the acceptance test: the draft's full
         # output layer, which the loader checks against the target's.
-        head = model.get_output_embeddings()
-        # A dynamically quantized linear layer returns its weight from a method.
-        self.vocab_size = (head.weight() if callable(head.weight) else head.weight).shape[0]
+        # Quantized output layers (dynamic int8, packed int8 and int4) have no weight tensor.
+        self.vocab_size = model.get_output_embeddings().out_features
         self.vocab_ids = None
         if vocab_ids is not None:
             self.vocab_ids = vocab_ids.to(torch.long)
