@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from voice.bench import ALL_MODES
+from voice.bench import ALL_MODES, WEIGHT_FORMATS
 from voice.config import Config, load_config
 from voice.errors import AudioInputError, ConfigError, VoiceError
 
@@ -109,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="token limit per answer (default: 64)")
     llm.add_argument("--modes", metavar="LIST", help="comma-separated modes (default: all): " + ", ".join(ALL_MODES))
     llm.add_argument("--draft-vocab", type=int, metavar="N", help="output tokens of the draft-int8-vocab mode (default: llm.draft_vocab, or 32768 where that is 0)")
+    llm.add_argument(
+        "--weights",
+        default="dense,int8,int4",
+        metavar="LIST",
+        help="target weight formats, each run alone and with the draft (default: dense,int8,int4)",
+    )
+    llm.add_argument(
+        "--llama-cpp",
+        metavar="DIR",
+        help="folder with llama.cpp's llama-completion and llama-speculative-simple (default: look on PATH; none found skips them)",
+    )
     llm.add_argument("--output-dir", default=".", metavar="DIR", help="folder for bench-llm.json and bench-llm.png (default: .)")
     spoken = benchmarks.add_parser(
         "voice",
@@ -300,24 +311,41 @@ async def _bench(config: Config, args: argparse.Namespace) -> int:
         raise ConfigError(f"--prompts must be at least 1, got {args.prompts}")
     if not 1 <= args.max_new_tokens <= 4096:
         raise ConfigError(f"--max-new-tokens must be from 1 to 4096, got {args.max_new_tokens}")
+    weights = tuple(args.weights.split(","))
+    bad = [name for name in weights if name not in WEIGHT_FORMATS]
+    if bad or not weights:
+        raise ConfigError(f"--weights: unknown format {bad[0] if bad else args.weights!r}; choose from {', '.join(WEIGHT_FORMATS)}")
+    if args.llama_cpp and not Path(args.llama_cpp).expanduser().is_dir():
+        raise ConfigError(f"--llama-cpp: {args.llama_cpp} is not a folder; give the folder that holds llama-completion")
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise AudioInputError(f"--output-dir: {output_dir} is a file; name a folder")
 
     from voice import models
+    from voice.bench import llamacpp
     from voice.bench import llm as bench_llm
     from voice.llm.loading import draft_vocabulary, load_models, resolve_dtype
 
     cache = models.cache_root(config.cache_dir)
-    needs_draft = any(mode in ("draft", "draft-int8-vocab", "transformers-assisted") for mode in modes)
+    quantized = any(name != "dense" for name in weights)
+    needs_draft = quantized or any(mode in ("draft", "draft-int8-vocab", "transformers-assisted") for mode in modes)
     target = await asyncio.to_thread(models.resolve_llm, config.llm.target, cache, config.allow_download, "llm.target")
     draft = await asyncio.to_thread(models.resolve_llm, config.llm.draft, cache, config.allow_download, "llm.draft") if needs_draft else None
     dtype = resolve_dtype(config.llm.dtype)
     loaded = await asyncio.to_thread(load_models, target, draft, dtype, config.allow_download)
     vocab_ids = None
-    if "draft-int8-vocab" in modes:
+    if "draft-int8-vocab" in modes or (quantized and config.llm.draft_vocab):
         size = args.draft_vocab or config.llm.draft_vocab or 32768
         vocab_ids = await asyncio.to_thread(draft_vocabulary, config.llm, loaded.tokenizer, size, cache)
+    llamacpp_setup = None
+    programs = llamacpp.find_programs(args.llama_cpp)
+    target_gguf = models.embedded_gguf(config.llm.target, cache) if programs else None
+    if programs and target_gguf is None:
+        print(f"Skipping llama.cpp: llm.target {config.llm.target!r} is not an embedded GGUF model", flush=True)
+    elif programs:
+        llamacpp_setup = (programs, target_gguf, models.embedded_gguf(config.llm.draft, cache))
+    elif args.llama_cpp:
+        raise ConfigError(f"--llama-cpp: {args.llama_cpp} holds neither llama-completion nor llama-speculative-simple")
     if config.llm.threads:
         import torch
 
@@ -326,7 +354,9 @@ async def _bench(config: Config, args: argparse.Namespace) -> int:
     print(f"Benchmarking {len(prompts)} prompts in {len(modes)} modes, interleaved ({', '.join(modes)})", flush=True)
     # Runs in this thread: the benchmark is the only work, and torch's thread setting
     # above applies to the thread that set it.
-    report = bench_llm.run_benchmark(loaded, config, modes, prompts, args.max_new_tokens, vocab_ids)
+    report = bench_llm.run_benchmark(
+        loaded, config, modes, prompts, args.max_new_tokens, vocab_ids, weights=weights, cache=cache, llamacpp_setup=llamacpp_setup
+    )
     json_path, png_path = bench_llm.write_report(report, output_dir)
     print(bench_llm.format_table(report))
     print(
@@ -334,6 +364,9 @@ async def _bench(config: Config, args: argparse.Namespace) -> int:
         f"{report['speedup_vs_transformers'] or 0:.2f}x transformers assisted; identical greedy output: "
         f"{report['identical_greedy'] or 0:.0%}"
     )
+    if report["tokens_per_s_best"]:
+        llama_line = f", llama.cpp best {report['tokens_per_s_llamacpp']:.2f} ({report['best_llamacpp']})" if report["tokens_per_s_llamacpp"] else ""
+        print(f"Fastest of ours: {report['best_configuration']} at {report['tokens_per_s_best']:.2f} tok/s{llama_line}")
     print(f"Wrote {json_path} and {png_path}")
     return 0
 

@@ -25,10 +25,15 @@ def test_benchmark_report_has_every_figure(qwen_tokenizer, tmp_path):
     prompts = bench_llm.select_prompts(2)
     vocab_ids = torch.arange(0, vocab_size, 2)
     lines: list[str] = []
-    report = bench_llm.run_benchmark(models, Config(), list(bench_llm.ALL_MODES), prompts, 6, vocab_ids, lines.append)
+    config = Config()
+    config.llm.target = "tiny"  # no embedded GGUF file: int4 layers are quantized from the dense weights
+    report = bench_llm.run_benchmark(
+        models, config, list(bench_llm.ALL_MODES), prompts, 6, vocab_ids, lines.append, weights=("dense", "int4"), cache=tmp_path
+    )
 
+    all_modes = [*bench_llm.ALL_MODES, "plain@int4", "draft@int4"]
     assert len(lines) == 2
-    assert set(report["modes"]) == set(bench_llm.ALL_MODES)
+    assert set(report["modes"]) == set(all_modes)
     for mode, row in report["modes"].items():
         assert row["tokens_per_s_median"] and row["tokens_per_s_median"] > 0, mode
         assert row["first_token_ms_median"] > 0, mode
@@ -41,7 +46,13 @@ def test_benchmark_report_has_every_figure(qwen_tokenizer, tmp_path):
     assert report["identical_greedy"] == 1.0
     assert report["memory"]["peak_rss_bytes"] > 0
     assert report["machine"]["cores"] >= 1
-    assert len(report["runs"]) == 2 * len(bench_llm.ALL_MODES)
+    assert len(report["runs"]) == 2 * len(all_modes)
+    # Quantized modes are compared with plain decoding in the same format.
+    assert report["modes"]["draft@int4"]["baseline"] == "plain@int4"
+    assert report["speedup_by_weights"]["int4"] > 0
+    assert report["best_configuration"] in all_modes
+    assert report["tokens_per_s_best"] == max(row["tokens_per_s_median"] for row in report["modes"].values())
+    assert report["tokens_per_s_llamacpp"] is None  # no llama.cpp programs given
 
     json_path, png_path = bench_llm.write_report(report, tmp_path)
     stored = json.loads(json_path.read_text())
@@ -63,6 +74,8 @@ def test_select_prompts_covers_categories():
         (["--modes", "plain,medusa"], "unknown mode 'medusa'"),
         (["--prompts", "0"], "--prompts must be at least 1"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be from 1 to 4096"),
+        (["--weights", "dense,int3"], "--weights: unknown format 'int3'"),
+        (["--llama-cpp", "/no/such/folder"], "--llama-cpp: /no/such/folder is not a folder"),
     ],
 )
 def test_bench_rejects_bad_options_before_loading(arguments, expected, capsys):

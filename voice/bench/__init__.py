@@ -7,3 +7,15 @@ before any model loads.
 OUR_MODES = ("plain", "draft", "draft-int8-vocab", "lookup")
 TRANSFORMERS_MODES = ("transformers-assisted", "transformers-lookup")
 ALL_MODES = OUR_MODES + TRANSFORMERS_MODES
+LLAMACPP_MODES = ("llamacpp-plain", "llamacpp-speculative")
+WEIGHT_FORMATS = ("dense", "int8", "int4")
+
+
+def weight_modes(weights: str) -> tuple[str, str]:
+    """Return the names of the plain and speculative modes that run the target with ``weights`` (int8 or int4)."""
+    return f"plain@{weights}", f"draft@{weights}"
+
+
+def baseline_of(mode: str) -> str:
+    """Return the mode whose speed ``mode`` is compared with: plain decoding with the same weights."""
+    return mode.replace("draft@", "plain@") if "@" in mode else "plain"

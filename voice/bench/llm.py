@@ -13,7 +13,13 @@ Modes (all greedy, on the same target model object):
   vocabulary (``--draft-vocab`` tokens);
 - ``lookup``: our decoder with prompt lookup;
 - ``transformers-assisted``: ``generate(assistant_model=draft)`` with transformers' defaults;
-- ``transformers-lookup``: ``generate(prompt_lookup_num_tokens=...)``.
+- ``transformers-lookup``: ``generate(prompt_lookup_num_tokens=...)``;
+- ``plain@int8``, ``draft@int8``, ``plain@int4``, ``draft@int4`` (``--weights``): our
+  decoder on a copy of the target with int8 or int4 linear layers, alone and with the
+  draft configured in ``llm`` (its vocabulary and weights); their speed is compared with
+  plain decoding in the same weight format;
+- ``llamacpp-plain``, ``llamacpp-speculative``: llama.cpp on the embedded GGUF files,
+  where its programs are found (``voice.bench.llamacpp``).
 
 Our decoders keep the system prompt prefilled, as the assistant does between turns;
 transformers' ``generate`` prefills the whole prompt on every call. Time to first token
@@ -34,14 +40,15 @@ from typing import Any
 
 import torch
 
-from voice.bench import ALL_MODES, OUR_MODES
+from voice.bench import ALL_MODES, LLAMACPP_MODES, OUR_MODES, baseline_of, weight_modes
+from voice.bench import llamacpp
 from voice.bench.machine import machine_description
 from voice.bench.prompts import CATEGORIES, PROMPTS, BenchPrompt, chat_messages
 from voice.bench.transformers_baselines import current_rss_bytes, peak_rss_bytes, run_generate
 from voice.config import Config
 from voice.llm.conversation import Conversation
 from voice.llm.drafters import ModelDrafter, PromptLookupDrafter, quantize_linear_int8
-from voice.llm.loading import LoadedModels, eos_token_ids
+from voice.llm.loading import LoadedModels, apply_weights, eos_token_ids, quantize_draft
 from voice.llm.speculative import SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
@@ -176,7 +183,8 @@ def build_modes(
             elif name == "draft":
                 drafter = ModelDrafter(models.draft_model, min_confidence=min_confidence)
             else:
-                draft_copy = copy.deepcopy(models.draft_model)
+                # int8 drafts run in float32, as the assistant loads them.
+                draft_copy = copy.deepcopy(models.draft_model).float()
                 drafter = ModelDrafter(draft_copy, draft_vocab_ids, min_confidence=min_confidence)
                 quantize_linear_int8(draft_copy)
             decoder = SpeculativeDecoder(models.target_model, drafter, eos, draft_tokens, adaptive)
@@ -196,6 +204,71 @@ def build_modes(
     return built, added
 
 
+def _llamacpp_mode(name: str, program: Path, target: Path, draft: Path | None, draft_tokens: int, decode_text) -> _Mode:
+    threads = torch.get_num_threads()
+
+    def run(prompt_ids: list[int], max_new_tokens: int) -> Run:
+        try:
+            result = llamacpp.run_program(program, target, decode_text(prompt_ids), max_new_tokens, threads, draft, draft_tokens)
+        except (RuntimeError, ValueError) as error:
+            logger.warning("%s: %s", name, error)
+            return Run(mode=name, prompt_id="", category="", tokens=[], first_token_s=0.0, total_s=0.0, tokens_per_s=None, target_passes=0)
+        return Run(
+            mode=name,
+            prompt_id="",
+            category="",
+            # llama.cpp reports counts, not ids: its output is not compared token for token.
+            tokens=[],
+            first_token_s=result.first_token_s,
+            total_s=result.total_s,
+            tokens_per_s=result.tokens_per_s,
+            target_passes=0,
+            drafted=result.drafted,
+            accepted=result.accepted,
+        )
+
+    return _Mode(name, run)
+
+
+def build_weight_modes(
+    models: LoadedModels, config: Config, weights: str, system_ids: list[int], draft_vocab_ids: torch.Tensor | None, cache: Path
+) -> tuple[list[_Mode], dict[str, int]]:
+    """Plain and speculative modes on a copy of the target with ``weights`` linear layers."""
+    eos = eos_token_ids(models.tokenizer, models.target_model)
+    plain_name, draft_name = weight_modes(weights)
+    before = current_rss_bytes()
+    target = copy.deepcopy(models.target_model)
+    apply_weights(target, weights, config.llm.target, models.target_source, cache, "target")
+    plain = SpeculativeDecoder(target, None, eos)
+    plain.prefill(system_ids)
+    added = {plain_name: max(0, current_rss_bytes() - before)}
+    built = [_our_mode(plain_name, plain, False, system_ids)]
+    if models.draft_model is not None:
+        before = current_rss_bytes()
+        draft = copy.deepcopy(models.draft_model)
+        if config.llm.draft_weights == "int8":
+            draft = draft.float()  # as the assistant loads an int8 draft
+        drafter = ModelDrafter(draft, draft_vocab_ids, config.llm.draft_threads, config.llm.draft_min_confidence)
+        quantize_draft(draft, config.llm, models.draft_source, cache)
+        decoder = SpeculativeDecoder(target, drafter, eos, config.llm.draft_tokens, config.llm.adaptive_draft)
+        decoder.prefill(system_ids)
+        if config.llm.adaptive_draft:
+            decoder.calibrate()
+        built.append(_our_mode(draft_name, decoder, True, system_ids))
+        added[draft_name] = max(0, current_rss_bytes() - before)
+    return built, added
+
+
+def build_llamacpp_modes(programs: dict[str, Path], target: Path, draft: Path | None, draft_tokens: int, decode_text) -> list[_Mode]:
+    """llama.cpp modes for the programs found; the speculative one needs the draft's GGUF file."""
+    built = []
+    if "plain" in programs:
+        built.append(_llamacpp_mode("llamacpp-plain", programs["plain"], target, None, draft_tokens, decode_text))
+    if "speculative" in programs and draft is not None:
+        built.append(_llamacpp_mode("llamacpp-speculative", programs["speculative"], target, draft, draft_tokens, decode_text))
+    return built
+
+
 def run_benchmark(
     models: LoadedModels,
     config: Config,
@@ -204,8 +277,16 @@ def run_benchmark(
     max_new_tokens: int,
     draft_vocab_ids: torch.Tensor | None,
     progress: Callable[[str], None] = print,
+    weights: tuple[str, ...] = ("dense",),
+    cache: Path | None = None,
+    llamacpp_setup: tuple[dict[str, Path], Path, Path | None] | None = None,
 ) -> dict[str, Any]:
-    """Run every prompt in every mode, interleaved; return the report as a JSON-ready dict."""
+    """Run every prompt in every mode, interleaved; return the report as a JSON-ready dict.
+
+    ``weights`` adds plain and speculative modes for each quantized format (packed weights
+    kept in ``cache``); ``llamacpp_setup`` (programs, target GGUF, draft GGUF) adds
+    llama.cpp's modes.
+    """
     if PLAIN not in modes:
         modes = [PLAIN] + modes
     tokenizer = models.tokenizer
@@ -226,6 +307,14 @@ def run_benchmark(
         config.llm.lookup_max_ngram,
         config.llm.draft_min_confidence,
     )
+    for format_name in weights:
+        if format_name != "dense":
+            quantized, memory = build_weight_modes(models, config, format_name, system_ids, draft_vocab_ids, cache or Path("."))
+            built += quantized
+            added_memory.update(memory)
+    if llamacpp_setup is not None:
+        programs, target_gguf, draft_gguf = llamacpp_setup
+        built += build_llamacpp_modes(programs, target_gguf, draft_gguf, config.llm.draft_tokens, tokenizer.decode)
 
     warm_up = encode([{"role": "system", "content": system_prompt}, {"role": "user", "content": WARM_UP_QUESTION}])
     for mode in built:
@@ -258,6 +347,9 @@ def run_benchmark(
         "draft_vocab": 0 if draft_vocab_ids is None else int(draft_vocab_ids.numel()),
         "lookup_max_ngram": config.llm.lookup_max_ngram,
         "draft_min_confidence": config.llm.draft_min_confidence,
+        "weights": list(weights),
+        "draft_weights": config.llm.draft_weights,
+        "llamacpp_programs": {key: str(path) for key, path in (llamacpp_setup[0] if llamacpp_setup else {}).items()},
         "target": config.llm.target,
         "draft": config.llm.draft,
         "dtype": str(models.target_model.dtype).removeprefix("torch."),
@@ -274,16 +366,21 @@ def _median(values: list[float]) -> float | None:
 
 
 def summarize(runs: list[Run], modes: list[str]) -> dict[str, Any]:
-    """Per-mode medians, per-prompt ratios against plain decoding, and the headline figures."""
-    plain = {run.prompt_id: run for run in runs if run.mode == PLAIN}
+    """Per-mode medians, per-prompt ratios against plain decoding, and the headline figures.
+
+    A mode's ratio is taken against plain decoding with the same weights (``plain@int4``
+    for ``draft@int4``), llama.cpp's against our dense plain decoding.
+    """
+    by_key = {(run.mode, run.prompt_id): run for run in runs}
     summary: dict[str, Any] = {"modes": {}, "runs": [asdict(run) for run in runs]}
     for mode in modes:
         mine = [run for run in runs if run.mode == mode]
-        # Ratio to plain decoding on the same prompt, where both rates exist.
+        base = {run.prompt_id: by_key.get((baseline_of(mode), run.prompt_id)) for run in mine}
+        # Ratio to the baseline on the same prompt, where both rates exist.
         ratios = [
-            (run.category, run.tokens_per_s / plain[run.prompt_id].tokens_per_s)
+            (run.category, run.tokens_per_s / base[run.prompt_id].tokens_per_s)
             for run in mine
-            if run.tokens_per_s and plain[run.prompt_id].tokens_per_s
+            if run.tokens_per_s and base[run.prompt_id] is not None and base[run.prompt_id].tokens_per_s
         ]
         speedups = [ratio for _, ratio in ratios]
         by_category = {}
@@ -296,16 +393,18 @@ def summarize(runs: list[Run], modes: list[str]) -> dict[str, Any]:
         accepted = sum(run.accepted for run in mine)
         draft_steps = sum(run.draft_steps for run in mine)
         histogram = [sum(counts) for counts in zip(*[run.accept_counts for run in mine if run.accept_counts])] if mine else []
+        compared = [run for run in mine if mode not in LLAMACPP_MODES and base[run.prompt_id] is not None]
         summary["modes"][mode] = {
+            "baseline": baseline_of(mode),
             "tokens_per_s_median": _median([run.tokens_per_s for run in mine if run.tokens_per_s]),
             "first_token_ms_median": _median([1000 * run.first_token_s for run in mine]),
             "total_s_median": _median([run.total_s for run in mine]),
-            "new_tokens_median": _median([len(run.tokens) for run in mine]),
+            "new_tokens_median": _median([len(run.tokens) for run in mine]) if mode not in LLAMACPP_MODES else None,
             "target_passes_total": sum(run.target_passes for run in mine),
             "speedup_vs_plain_median": _median(speedups),
             "speedup_vs_plain_min": min(speedups) if speedups else None,
             "speedup_vs_plain_by_category": by_category,
-            "identical_greedy": sum(run.tokens == plain[run.prompt_id].tokens for run in mine) / len(mine) if mine else None,
+            "identical_greedy": sum(run.tokens == base[run.prompt_id].tokens for run in compared) / len(compared) if compared else None,
             "acceptance_rate": accepted / drafted if drafted else None,
             "mean_accepted_length": accepted / draft_steps if draft_steps else None,
             "accepted_length_histogram": histogram,
@@ -324,8 +423,22 @@ def summarize(runs: list[Run], modes: list[str]) -> dict[str, Any]:
         summary["speedup_vs_transformers"] = _median(ratios)
     else:
         summary["speedup_vs_transformers"] = None
-    identical = [summary["modes"][mode]["identical_greedy"] for mode in modes if mode != PLAIN]
+    identical = [summary["modes"][mode]["identical_greedy"] for mode in modes if mode != PLAIN and summary["modes"][mode]["identical_greedy"] is not None]
     summary["identical_greedy"] = min(identical) if identical else None
+
+    def rate(mode: str) -> float:
+        return summary["modes"][mode]["tokens_per_s_median"] or 0.0
+
+    ours_all = [mode for mode in modes if mode in OUR_MODES or "@" in mode]
+    best_ours = max(ours_all, key=rate, default=None)
+    summary["best_configuration"] = best_ours
+    summary["tokens_per_s_best"] = rate(best_ours) if best_ours else None
+    theirs = [mode for mode in modes if mode in LLAMACPP_MODES and rate(mode)]
+    summary["best_llamacpp"] = max(theirs, key=rate, default=None)
+    summary["tokens_per_s_llamacpp"] = rate(summary["best_llamacpp"]) if theirs else None
+    summary["speedup_by_weights"] = {
+        mode.split("@")[1]: summary["modes"][mode]["speedup_vs_plain_median"] for mode in modes if mode.startswith("draft@")
+    }
     return summary
 
 
@@ -336,23 +449,21 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [mode for mode in report["modes"] if mode != PLAIN]
+    modes = [mode for mode in report["modes"] if mode != PLAIN and not mode.startswith("plain@")]
     runs = report["runs"]
-    plain = {run["prompt_id"]: run for run in runs if run["mode"] == PLAIN}
+    by_key = {(run["mode"], run["prompt_id"]): run for run in runs}
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     data = []
     for mode in modes:
-        data.append(
-            [
-                run["tokens_per_s"] / plain[run["prompt_id"]]["tokens_per_s"]
-                for run in runs
-                if run["mode"] == mode and run["tokens_per_s"] and plain[run["prompt_id"]]["tokens_per_s"]
-            ]
-            or [0.0]
-        )
+        ratios = []
+        for run in runs:
+            base = by_key.get((baseline_of(mode), run["prompt_id"]))
+            if run["mode"] == mode and run["tokens_per_s"] and base and base["tokens_per_s"]:
+                ratios.append(run["tokens_per_s"] / base["tokens_per_s"])
+        data.append(ratios or [0.0])
     left.boxplot(data, tick_labels=modes, orientation="horizontal")
     left.axvline(1.0, color="grey", linestyle="--", linewidth=1)
-    left.set_xlabel("tokens per second / plain decoding (per prompt)")
+    left.set_xlabel("tokens per second / plain decoding with the same weights (per prompt)")
     left.set_title("Speed relative to plain decoding")
 
     width = 0.8 / max(1, len(modes))
