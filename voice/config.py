@@ -80,10 +80,11 @@ class LlmConfig:
     draft_weights: Literal["dense", "int8", "int4"] = "int8"
     """int8: the draft runs in float32 with int8 linear weights (torch dynamic quantization);
     int4: 4-bit weights in groups of 32, activations in ``dtype``."""
-    target_weights: Literal["dense", "int8", "int4"] = "dense"
+    target_weights: Literal["auto", "dense", "int8", "int4"] = "auto"
     """Weights of the target's linear layers: dense (``dtype``), int8 (one scale per row) or
-    int4 (groups of 32; an embedded GGUF model keeps its Q4_K codes). The quantized target
-    is the target: speculation stays exact relative to it."""
+    int4 (groups of 32; an embedded GGUF model keeps its Q4_K codes); auto is int4 where
+    ``dtype`` resolves to bfloat16 and dense elsewhere. The quantized target is the
+    target: speculation stays exact relative to it."""
     draft_threads: int = field(default=0, metadata={"range": (0, 256)})
     """torch CPU threads while the draft model runs; 0 uses the target's setting."""
     lookup_max_ngram: int = field(default=3, metadata={"range": (1, 16)})

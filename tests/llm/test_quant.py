@@ -194,3 +194,13 @@ def test_speculation_exact_with_quantized_weights(target_weights, draft_weights)
     for prompt in PROMPTS:
         assert decode(decoder, prompt, 25) == decode(plain, prompt, 25, speculative=False)
     assert decoder.stats.accepted > 0
+
+
+@pytest.mark.parametrize(
+    ("setting", "dtype", "expected"),
+    [("auto", torch.bfloat16, "int4"), ("auto", torch.float32, "dense"), ("int8", torch.bfloat16, "int8"), ("dense", torch.bfloat16, "dense")],
+)
+def test_target_weights_auto_is_int4_only_with_bf16(setting, dtype, expected):
+    from voice.llm.loading import resolve_target_weights
+
+    assert resolve_target_weights(setting, dtype) == expected

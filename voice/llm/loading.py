@@ -139,10 +139,22 @@ def apply_weights(model: PreTrainedModel, weights: str, name: str, source: str, 
     logger.info("%s weights %s: %s", role.capitalize(), weights, report.describe())
 
 
+def resolve_target_weights(setting: str, dtype: torch.dtype) -> str:
+    """Map ``llm.target_weights`` to a format; ``auto`` is int4 only where activations are bf16.
+
+    torch's int4 kernel is fast with bf16 activations (3.7 times dense bf16 decoding on
+    2 Zen 4 cores) and slower than dense float32 with float32 ones.
+    """
+    if setting == "auto":
+        return "int4" if dtype == torch.bfloat16 else "dense"
+    return setting
+
+
 def quantize_target(config: LlmConfig, models: LoadedModels, cache: Path) -> None:
     """Apply ``llm.target_weights`` to the loaded target."""
-    if config.target_weights != "dense":
-        apply_weights(models.target_model, config.target_weights, config.target, models.target_source, cache, "target")
+    weights = resolve_target_weights(config.target_weights, models.target_model.dtype)
+    if weights != "dense":
+        apply_weights(models.target_model, weights, config.target, models.target_source, cache, "target")
 
 
 def draft_vocabulary(config: LlmConfig, tokenizer: PreTrainedTokenizerBase, size: int, cache: Path) -> torch.Tensor:
