@@ -31,6 +31,24 @@ def test_expensive_verification_and_low_acceptance_drafts_nothing():
     assert controller.choose(remaining=100) == 0
 
 
+def test_catch_up_that_a_short_answer_cannot_repay_skips_drafting():
+    # Drafting pays per step here (60% acceptance, cheap drafts), but answers are 8
+    # tokens long and the draft must first feed 40 unseen tokens at 5 ms each.
+    controller = controller_with([(2, 1)] * 10, single=0.075, full=0.1, draft=0.02)
+    for _ in range(3):
+        controller.record_answer(8)
+    controller.record_catch_up(40, 0.2)
+    assert controller.choose(remaining=40) > 0  # nothing to catch up on
+    assert controller.choose(remaining=40, unseen=40, generated=2) == 0
+    # The same catch-up pays for an answer that has already run long.
+    assert controller.choose(remaining=40, unseen=40, generated=30) > 0
+
+
+def test_catch_up_unmeasured_allows_drafting():
+    controller = controller_with([(2, 1)] * 10, single=0.075, full=0.1, draft=0.02)
+    assert controller.choose(remaining=40, unseen=40, generated=1) > 0
+
+
 def test_budget_limits_draft_length():
     controller = controller_with([(4, 4)] * 20, single=0.3, full=0.35, draft=0.01)
     assert controller.choose(remaining=3) == 2

@@ -62,11 +62,15 @@ class TokenCache:
         need a forward pass. With ``keep_input``, at least one token of ``ids`` stays
         unfed, because the next forward pass needs an input to produce logits from.
         """
-        limit = min(len(self.ids), len(ids) - 1 if keep_input else len(ids))
+        self.rollback(min(self.common_prefix_length(ids), len(ids) - 1 if keep_input else len(ids)))
+
+    def common_prefix_length(self, ids: list[int]) -> int:
+        """Return how many leading ``ids`` the cache holds already."""
+        limit = min(len(self.ids), len(ids))
         common = 0
         while common < limit and self.ids[common] == ids[common]:
             common += 1
-        self.rollback(common)
+        return common
 
     def _rollback_limit(self) -> int | None:
         """Return how many positions every full sliding-window layer can still remove, or None without such layers."""

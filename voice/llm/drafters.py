@@ -44,6 +44,8 @@ class Proposal:
     catch_up_seconds: float = 0.0
     """Part of ``seconds`` spent feeding tokens the drafter had not seen, which the
     adaptive draft length does not count as the cost of the proposed tokens."""
+    catch_up_tokens: int = 0
+    """How many tokens that catch-up fed."""
 
 
 class Drafter:
@@ -66,6 +68,10 @@ class Drafter:
     def propose(self, ids: list[int], k: int, sampling: Sampling, generator: torch.Generator) -> Proposal:
         """Propose up to ``k`` tokens that follow ``ids`` (all of them verified). May return none."""
         raise NotImplementedError
+
+    def unseen_tokens(self, ids: list[int]) -> int:
+        """Return how many of ``ids`` the next proposal would first have to feed (catch up on)."""
+        return 0
 
     def observe(self, ids: list[int], target_output=None, row: int = -1) -> None:
         """Take note that the target verified ``ids``; drop any state past them.
@@ -129,6 +135,10 @@ class ModelDrafter(Drafter):
     def start(self, prompt_ids: list[int]) -> None:
         self.cache.reuse_prefix(prompt_ids)
 
+    def unseen_tokens(self, ids: list[int]) -> int:
+        # The last id is fed by the first draft pass itself.
+        return max(0, len(ids) - self.cache.common_prefix_length(ids) - 1)
+
     def propose(self, ids: list[int], k: int, sampling: Sampling, generator: torch.Generator) -> Proposal:
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
@@ -136,6 +146,7 @@ class ModelDrafter(Drafter):
         self.cache.reuse_prefix(ids)
         pending = ids[len(self.cache) :]
         catch_up_seconds = 0.0
+        catch_up_tokens = max(0, len(pending) - 1)
         with _torch_threads(self.threads):
             if len(pending) > 1:
                 # Tokens the draft has not seen (the new prompt, or tokens decoded while
@@ -162,7 +173,7 @@ class ModelDrafter(Drafter):
                 # would follow it: stop drafting after it.
                 if confidence < self.min_confidence:
                     break
-        return Proposal(tokens, torch.stack(rows) if rows else None, catch_up_seconds=catch_up_seconds)
+        return Proposal(tokens, torch.stack(rows) if rows else None, catch_up_seconds=catch_up_seconds, catch_up_tokens=catch_up_tokens)
 
     def observe(self, ids: list[int], target_output=None, row: int = -1) -> None:
         # The draft cache contains the verified ids plus every proposal but the last; keep the verified part.

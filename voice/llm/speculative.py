@@ -242,7 +242,10 @@ class SpeculativeDecoder:
             remaining = max_new_tokens - stats.new_tokens
             # The last token of the budget comes from the target alone, so drafting
             # never runs past max_new_tokens.
-            k = self.controller.choose(remaining) if speculative and stats.steps else 0
+            if speculative and stats.steps:
+                k = self.controller.choose(remaining, self.drafter.unseen_tokens(ids), stats.new_tokens)
+            else:
+                k = 0
             proposal = self._propose(ids, k, sampling, generator) if k else None
             if proposal:
                 new_tokens = self._speculative_step(ids, proposal, sampling, generator, remaining)
@@ -262,6 +265,9 @@ class SpeculativeDecoder:
                 yield new_tokens
             if stop_reason:
                 stats.stop_reason = stop_reason
+                if stop_reason in ("eos", "stop"):
+                    # Answers cut by the token budget say nothing about answer length.
+                    self.controller.record_answer(stats.new_tokens)
                 break
 
     def _apply_stops(
@@ -348,6 +354,7 @@ class SpeculativeDecoder:
         stats.accepted += accepted
         stats.accept_counts[accepted] += 1
         self.controller.record_draft(len(draft_ids), accepted, proposal.seconds - proposal.catch_up_seconds)
+        self.controller.record_catch_up(proposal.catch_up_tokens, proposal.catch_up_seconds)
 
         # rollback: keep only positions whose tokens were verified.
         target.rollback(base + accepted)
