@@ -203,3 +203,20 @@ def test_say_long_unpunctuated_text_in_chunks(tmp_path):
     assert result.returncode == 0, result.stderr
     samples, rate = read_wav(out)
     assert len(samples) / rate > 20.0
+
+
+@pytest.mark.slow
+def test_prepare_packs_quantized_target_weights(tmp_path):
+    from voice import models
+
+    config = tmp_path / "config.yaml"
+    config.write_text("llm:\n  dtype: float32\n  target_weights: int8\n")
+    result = run_voice("--config", str(config), "prepare")
+    assert result.returncode == 0, result.stderr
+    assert "target weights: int8, packed in" in result.stdout
+    packed = list((models.cache_root() / "packed").glob("qwen2.5-coder-1.5b-instruct-int8-float32-*.safetensors"))
+    assert packed and packed[0].stat().st_size > 1_000_000_000  # 1.5B one-byte weights
+    # A second start loads them instead of packing again.
+    again = run_voice("--config", str(config), "prepare")
+    assert again.returncode == 0, again.stderr
+    assert "loaded packed weights" in again.stderr

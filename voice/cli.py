@@ -276,6 +276,17 @@ async def _prepare(config: Config, args: argparse.Namespace) -> int:
         tokenizer = await asyncio.to_thread(load_tokenizer, target, is_hub, config.allow_download)
         ids = await asyncio.to_thread(draft_vocabulary, config.llm, tokenizer, config.llm.draft_vocab, cache)
         print(f"draft vocabulary: {len(ids)} most frequent tokens", flush=True)
+    from voice.llm.loading import apply_weights, load_models, resolve_dtype, resolve_target_weights
+
+    # Packing quantized weights takes about a minute the first time; doing it here keeps
+    # the first `voice listen` or `voice mqtt` start fast.
+    dtype = resolve_dtype(config.llm.dtype)
+    weights = resolve_target_weights(config.llm.target_weights, dtype)
+    if weights != "dense":
+        loaded = await asyncio.to_thread(load_models, locations["target"], None, dtype, config.allow_download)
+        source = locations["target"][0]
+        await asyncio.to_thread(apply_weights, loaded.target_model, weights, config.llm.target, source, cache, "target")
+        print(f"target weights: {weights}, packed in {cache / 'packed'}", flush=True)
     return 0
 
 
@@ -345,7 +356,7 @@ async def _bench(config: Config, args: argparse.Namespace) -> int:
     elif programs:
         llamacpp_setup = (programs, target_gguf, models.embedded_gguf(config.llm.draft, cache))
     elif args.llama_cpp:
-        raise ConfigError(f"--llama-cpp: {args.llama_cpp} holds neither llama-completion nor llama-speculative-simple")
+        raise ConfigError(f"--llama-cpp: {args.llama_cpp} holds neither llama-completion nor llama-speculative-simple; give llama.cpp's build/bin folder")
     if config.llm.threads:
         import torch
 
