@@ -276,7 +276,7 @@ def run_benchmark(
     prompts: list[BenchPrompt],
     max_new_tokens: int,
     draft_vocab_ids: torch.Tensor | None,
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] = lambda line: print(line, flush=True),
     weights: tuple[str, ...] = ("dense",),
     cache: Path | None = None,
     llamacpp_setup: tuple[dict[str, Path], Path, Path | None] | None = None,
