@@ -112,6 +112,10 @@ class Int4Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = _flatten(x, self.scales_and_zeros.dtype)
+        # NOTE: this kernel's time grows with the rows: 0.73 ms for 1 row and 1.33 ms for 5
+        # on an 8960x1536 layer. A verification pass so costs far more than one token, and
+        # speculation over an int4 target barely pays. With float32 activations the kernel
+        # is slower than a dense float32 layer.
         out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales_and_zeros)
         if self.bias is not None:
             out = out + self.bias
@@ -402,6 +406,7 @@ def quantize_with_cache(
     report = cache.load_into(model)
     if report is not None:
         return report
+    logger.info("Packing %s weights as %s once (up to a minute); later starts load them from %s", Path(source).name, weights, cache.path.parent)
     report = quantize_model(model, weights, gguf)
     cache.save(model, report.exact_layers)
     return report
