@@ -327,7 +327,7 @@ async def _bench(config: Config, args: argparse.Namespace) -> int:
     if bad or not weights:
         raise ConfigError(f"--weights: unknown format {bad[0] if bad else args.weights!r}; choose from {', '.join(WEIGHT_FORMATS)}")
     if args.llama_cpp and not Path(args.llama_cpp).expanduser().is_dir():
-        raise ConfigError(f"--llama-cpp: {args.llama_cpp} is not a folder; give the folder that holds llama-completion")
+        raise ConfigError(f"--llama-cpp: {args.llama_cpp} is not a folder; give the folder that contains llama-completion")
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise AudioInputError(f"--output-dir: {output_dir} is a file; name a folder")
@@ -356,7 +356,7 @@ async def _bench(config: Config, args: argparse.Namespace) -> int:
     elif programs:
         llamacpp_setup = (programs, target_gguf, models.embedded_gguf(config.llm.draft, cache))
     elif args.llama_cpp:
-        raise ConfigError(f"--llama-cpp: {args.llama_cpp} holds neither llama-completion nor llama-speculative-simple; give llama.cpp's build/bin folder")
+        raise ConfigError(f"--llama-cpp: {args.llama_cpp} contains neither llama-completion nor llama-speculative-simple; give llama.cpp's build/bin folder")
     if config.llm.threads:
         import torch
 

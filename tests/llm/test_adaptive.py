@@ -31,7 +31,7 @@ def test_expensive_verification_and_low_acceptance_drafts_nothing():
     assert controller.choose(remaining=100) == 0
 
 
-def test_catch_up_that_a_short_answer_cannot_repay_skips_drafting():
+def test_unpaid_catch_up_skips_drafting():
     # Drafting pays per step here (60% acceptance, cheap drafts), but answers are 8
     # tokens long and the draft must first feed 40 unseen tokens at 5 ms each.
     controller = controller_with([(2, 1)] * 10, single=0.075, full=0.1, draft=0.02)

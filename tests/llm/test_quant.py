@@ -66,7 +66,8 @@ def test_int4_fits_only_supported_shapes():
 def test_q4_k_codes_reproduce_gguf_dequantization():
     blocks = random_q4_k_blocks(rows=32, columns=512, seed=1)
     codes, scales, zeros = gguf_q4_k_codes(blocks, 32, 512)
-    assert int(codes.min()) >= 0 and int(codes.max()) <= 15
+    assert int(codes.min()) >= 0
+    assert int(codes.max()) <= 15
     rebuilt = (codes.float() - 8).reshape(32, -1, 32) * scales[..., None] + zeros[..., None]
     expected = torch.from_numpy(Q4_K.dequantize_blocks(blocks.reshape(-1, 144)).reshape(32, 512))
     torch.testing.assert_close(rebuilt.reshape(32, 512), expected, rtol=0, atol=1e-6)
@@ -101,7 +102,7 @@ def write_gguf(path, tensors: dict[str, np.ndarray]) -> None:
 
 
 def tiny_with_gguf_layer(tmp_path, seed: int):
-    """A tiny Qwen2 whose first up-projection holds dequantized Q4_K weights, and a GGUF file with that tensor."""
+    """A tiny Qwen2 whose first up-projection contains dequantized Q4_K weights, and a GGUF file with that tensor."""
     model = tiny_qwen2(seed)
     blocks = random_q4_k_blocks(rows=64, columns=256, seed=seed)
     # The tiny model's up-projection is 64 x 32; a wider one holds a whole 256-value block.
@@ -128,7 +129,7 @@ def test_gguf_q4_k_layer_keeps_its_codes(tmp_path):
     assert not any(type(module) is torch.nn.Linear for module in model.modules())
 
 
-def test_gguf_tensor_that_does_not_match_is_quantized_again(tmp_path, caplog):
+def test_mismatched_gguf_tensor_requantized(tmp_path, caplog):
     model, path, _ = tiny_with_gguf_layer(tmp_path, seed=51)
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.mul_(-1)  # what a permuting converter would do

@@ -65,7 +65,7 @@ class TokenCache:
         self.rollback(min(self.common_prefix_length(ids), len(ids) - 1 if keep_input else len(ids)))
 
     def common_prefix_length(self, ids: list[int]) -> int:
-        """Return how many leading ``ids`` the cache holds already."""
+        """Return how many leading ``ids`` the cache contains already."""
         limit = min(len(self.ids), len(ids))
         common = 0
         while common < limit and self.ids[common] == ids[common]:

@@ -42,7 +42,7 @@ class LoadedModels:
     target_model: PreTrainedModel
     draft_model: PreTrainedModel | None
     target_source: str = ""
-    """What the target was loaded from (folder or hub id), which keys its packed weights."""
+    """Folder or hub id the target was loaded from, which keys its packed weights."""
     draft_source: str = ""
 
 

@@ -207,7 +207,7 @@ def _gguf_q4_k_tensors(path: Path) -> dict[str, tuple[np.ndarray, int, int]]:
 
 @dataclass
 class QuantizeReport:
-    """What ``quantize_model`` did, by layer kind."""
+    """Counts of the layers ``quantize_model`` replaced, by kind."""
 
     weights: str
     int4_from_gguf: int = 0
@@ -261,7 +261,7 @@ def quantize_model(model: torch.nn.Module, weights: str, gguf: GgufSource | None
 
     With ``gguf``, int4 layers stored as Q4_K there keep their codes exactly; layers the
     int4 kernel cannot take, and int4 layers stored in other GGUF formats (Q6_K, Q5_0 ...),
-    become int8 from the dense weights, whose 5 to 6 bits int8 holds with little loss.
+    become int8 from the dense weights: int8 keeps their 5 to 6 bits with little loss.
     Embeddings and norms stay dense.
     """
     if weights not in ("int8", "int4"):
