@@ -79,6 +79,9 @@ def test_hermes_nlu_query_is_answered(assistant, observer, start_service):
         (b'{"id": [1], "text": "hi"}', "invalid_request", None),
         (b'\xff\xfe\x00', "invalid_json", None),
         (b'{"id": "m9", "text": "\\ud800"}', "invalid_request", "m9"),
+        # Nested past Python's recursion limit: json.loads raises RecursionError.
+        (b"[" * 60_000, "invalid_json", None),
+        (b'{"a":' * 13_000, "invalid_json", None),
     ],
 )
 def test_malformed_request_gets_error_and_service_keeps_running(assistant, observer, start_service, payload, code, request_id):
@@ -102,6 +105,44 @@ def test_oversized_payload_rejected(assistant, observer, start_service):
     assert error["id"] == "big"
     observer.publish(ASK, {"id": "small", "text": "Hello"})
     observer.wait_for_payload("voice/answer", id="small")
+
+
+def test_oversized_nested_payload_rejected(assistant, observer, start_service):
+    start_service(assistant, max_payload_bytes=1024)
+    wait_online(observer)
+    observer.publish(ASK, b"[" * 5000)
+    error = observer.wait_for_payload("voice/error", code="payload_too_large")
+    assert error["id"] is None
+    observer.publish(ASK, {"id": "small", "text": "Hello"})
+    observer.wait_for_payload("voice/answer", id="small")
+
+
+def test_retained_nested_payload_ignored(assistant, observer, start_service):
+    observer.client.publish(ASK, b"[" * 5000, qos=1, retain=True).wait_for_publish(10)
+    start_service(assistant)
+    wait_online(observer)
+    error = observer.wait_for_payload("voice/error", code="retained")
+    assert error["id"] is None
+    observer.publish(ASK, {"id": "plain", "text": "Hello"})
+    observer.wait_for_payload("voice/answer", id="plain")
+
+
+def test_message_handler_error_keeps_serving(assistant, observer, start_service, monkeypatch):
+    real_parse = protocol.parse_request
+
+    def parse_or_fail(topic, payload, config, topics):
+        if payload == b"fail":
+            raise ValueError("parser bug")
+        return real_parse(topic, payload, config, topics)
+
+    monkeypatch.setattr(protocol, "parse_request", parse_or_fail)
+    start_service(assistant)
+    wait_online(observer)
+    observer.publish(ASK, b"fail")
+    error = observer.wait_for_payload("voice/error", code="internal")
+    assert "parser bug" in error["error"]
+    observer.publish(ASK, {"id": "after", "text": "Hello"})
+    observer.wait_for_payload("voice/answer", id="after")
 
 
 def test_repeated_request_id_answered_once(assistant, observer, start_service):

@@ -113,7 +113,7 @@ def peek_ids(payload: bytes) -> tuple[str | None, str | None]:
         return None, None
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None, None
     if not isinstance(data, dict):
         return None, None
@@ -135,6 +135,12 @@ def parse_request(topic: str, payload: bytes, config: MqttConfig, topics: Topics
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RequestError("invalid_json", f"payload on {topic} is not JSON ({error}); send an object such as {{\"text\": \"...\"}}") from None
+    except RecursionError:
+        # Python's json module recurses once per nesting level, so about 1000 levels
+        # exceed the interpreter's recursion limit. A 60 kB payload can nest 60,000 levels.
+        raise RequestError(
+            "invalid_json", f"payload on {topic} is nested too deeply to parse; send a flat object such as {{\"text\": \"...\"}}"
+        ) from None
     if not isinstance(data, dict):
         raise RequestError("invalid_json", f"payload on {topic} must be a JSON object, got {type(data).__name__}")
 

@@ -166,7 +166,7 @@ class MqttService:
                     logger.info("Connected to the MQTT broker at %s as %s", where, settings.client_id)
                     self._announce()
                     async for message in client.messages:
-                        self._on_message(message)
+                        self._handle_message(message)
             except aiomqtt.MqttError as error:
                 self._connected.clear()
                 self._client = None
@@ -240,6 +240,14 @@ class MqttService:
         self.send(topic, protocol.dumps(payload))
 
     # -- incoming ----------------------------------------------------------------------
+
+    def _handle_message(self, message: aiomqtt.Message) -> None:
+        """Handle one message. An unexpected error is logged and reported instead of ending the connection."""
+        try:
+            self._on_message(message)
+        except Exception as error:
+            logger.exception("Handling a message on %s failed", message.topic.value)
+            self._report(RequestError("internal", f"internal error while reading a message on {message.topic.value}: {error}; see the service log"))
 
     def _on_message(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
