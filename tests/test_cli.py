@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import subprocess
 import sys
@@ -11,7 +13,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import FIXTURES, ROOT
+from voice import cli, pipeline
 from voice.audio.wav import read_wav
+from voice.config import Config
 
 
 def run_voice(*args: str, cwd=ROOT, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -220,3 +224,30 @@ def test_prepare_packs_quantized_target_weights(tmp_path):
     again = run_voice("--config", str(config), "prepare")
     assert again.returncode == 0, again.stderr
     assert "loaded packed weights" in again.stderr
+
+
+@pytest.mark.parametrize("stdin_errors", ["strict", "surrogateescape"])
+def test_chat_skips_invalid_utf8_line(qwen_tokenizer, monkeypatch, capsys, stdin_errors):
+    from tests.mqtt.conftest import tiny_assistant
+
+    assistant = tiny_assistant(qwen_tokenizer)
+
+    async def load_tiny_assistant(config, **options):
+        return assistant
+
+    monkeypatch.setattr(pipeline, "load_assistant", load_tiny_assistant)
+    # Python's stdin uses surrogateescape under the C locale and in UTF-8 mode and is
+    # strict otherwise, so the chat loop must handle both.
+    stdin = io.TextIOWrapper(io.BytesIO(b"\xff\xfe bad bytes?\nHello\n"), encoding="utf-8", errors=stdin_errors)
+    monkeypatch.setattr(sys, "stdin", stdin)
+    args = cli.build_parser().parse_args(["chat"])
+
+    exit_code = asyncio.run(cli._chat(Config(llm=assistant.llm.config), args))
+
+    output = capsys.readouterr()
+    assert exit_code == 0
+    errors = [line for line in output.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output.err
+    assert "line 1" in errors[0]
+    assert "UTF-8" in errors[0]
+    assert output.out.count("Timing:") == 1

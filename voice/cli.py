@@ -221,12 +221,28 @@ async def _chat(config: Config, args: argparse.Namespace) -> int:
     assistant = await load_assistant(config, need_asr=False, need_tts=args.speak, speculative=speculative)
     events = _PrintingEvents(show_transcript=False)
     interactive = sys.stdin.isatty()
+    # Lines are read as bytes and decoded here, because the text stream either raises on
+    # invalid bytes or, with surrogateescape (the default under the C locale), passes them
+    # on as lone surrogates, which the tokenizer rejects.
+    encoding = (sys.stdin.encoding or "utf-8").upper()
+    line_number = 0
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = await asyncio.to_thread(sys.stdin.readline)
-        if not line:
+        raw_line = await asyncio.to_thread(sys.stdin.buffer.readline)
+        if not raw_line:
             return 0
+        line_number += 1
+        try:
+            line = raw_line.decode(encoding)
+        except UnicodeDecodeError as error:
+            print(
+                f"error: line {line_number} of standard input is not valid {encoding} (byte {raw_line[error.start]:#04x} at position {error.start}), "
+                f"so it was skipped; type the question again as {encoding} text",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
         question = line.strip()
         if not question:
             continue
