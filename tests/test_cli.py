@@ -151,6 +151,25 @@ def test_respond_rejects_output_inside_a_file(tmp_path):
     assert_clean_failure(result, 4, "is a file, not a folder")
 
 
+@pytest.mark.parametrize(
+    ("input_name", "output_name"),
+    [("same.wav", "same.wav"), ("same.wav", "link.wav"), ("link.wav", "same.wav")],
+    ids=["same-path", "output-links-to-input", "input-links-to-output"],
+)
+def test_respond_rejects_output_that_is_input(tmp_path, input_name, output_name):
+    recording = tmp_path / "same.wav"
+    recording.write_bytes((FIXTURES / "en_ps_goforward.wav").read_bytes())
+    (tmp_path / "link.wav").symlink_to(recording)
+    original = recording.read_bytes()
+
+    result = run_voice("respond", str(tmp_path / input_name), "--output", str(tmp_path / output_name), timeout=60)
+
+    assert_clean_failure(result, 4, output_name, "is the input recording", "Choose another --output path")
+    assert "Loaded" not in result.stderr
+    assert recording.read_bytes() == original
+    assert (tmp_path / "link.wav").is_symlink()
+
+
 def test_respond_rejects_empty_output_path(tmp_path):
     result = run_voice("respond", str(FIXTURES / "en_ps_goforward.wav"), "--output", "")
     assert_clean_failure(result, 4, "Output path is empty")

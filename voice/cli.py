@@ -178,6 +178,12 @@ async def _respond(config: Config, args: argparse.Namespace) -> int:
     # Read and check the input and the output before importing torch or loading any
     # model, so a typo fails in a second rather than after a minute.
     audio = load_speech(args.input)
+    # samefile follows symbolic links and also matches hard links and relative paths.
+    if args.output and Path(args.output).exists() and os.path.samefile(args.input, args.output):
+        raise AudioInputError(
+            f"--output {args.output} is the input recording {args.input}, so the reply would overwrite the question. "
+            "Choose another --output path."
+        )
     sink = _output_sink(args.output, "or write to a file with --output")
 
     from voice.pipeline import load_assistant
