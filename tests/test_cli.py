@@ -170,6 +170,26 @@ def test_respond_rejects_output_that_is_input(tmp_path, input_name, output_name)
     assert (tmp_path / "link.wav").is_symlink()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [("respond", str(FIXTURES / "en_ps_goforward.wav")), ("say", "Hello there.")],
+    ids=["respond", "say"],
+)
+def test_output_without_wav_suffix_rejected(tmp_path, command):
+    output = tmp_path / "r1.txt"
+    result = run_voice(*command, "--output", str(output), timeout=60)
+    assert_clean_failure(result, 4, str(output), ".wav", "reply.wav")
+    assert "Loaded" not in result.stderr
+    assert not output.exists()
+
+
+def test_say_accepts_uppercase_wav_suffix(tmp_path):
+    output = tmp_path / "HELLO.WAV"
+    result = run_voice("say", "Hello there.", "--output", str(output), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert read_wav(output)[1] == 22_050
+
+
 def test_respond_rejects_empty_output_path(tmp_path):
     result = run_voice("respond", str(FIXTURES / "en_ps_goforward.wav"), "--output", "")
     assert_clean_failure(result, 4, "Output path is empty")

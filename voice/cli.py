@@ -214,6 +214,10 @@ def _output_sink(output: str | None, speaker_hint: str):
         sink.check()
         return sink
     check_output_path(output, probe_write=True)
+    if not output.lower().endswith(".wav"):
+        raise AudioInputError(
+            f"--output {output} does not end in .wav, but the audio is written as a WAV file. Give a name such as reply.wav."
+        )
     return WavFileSink(output)
 
 
