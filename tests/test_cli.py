@@ -114,9 +114,10 @@ def test_say_writes_speech(tmp_path):
     assert float(np.sqrt(np.mean(samples**2))) > 0.02
 
 
-def test_say_rejects_unspeakable_text(tmp_path):
-    result = run_voice("say", "*** --- ***", "--output", str(tmp_path / "x.wav"), timeout=300)
-    assert_clean_failure(result, 1, "Nothing to say")
+@pytest.mark.parametrize("text", ["", "   ", "*** --- ***"], ids=["empty", "spaces", "symbols"])
+def test_say_rejects_unspeakable_text(tmp_path, text):
+    result = run_voice("say", text, "--output", str(tmp_path / "x.wav"), timeout=300)
+    assert_clean_failure(result, 2, "Nothing to say", repr(text), "Pass the words to speak")
     assert not (tmp_path / "x.wav").exists()
 
 

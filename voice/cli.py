@@ -270,7 +270,7 @@ async def _say(config: Config, args: argparse.Namespace) -> int:
 
     chunker = SpeechChunker(config.tts.first_chunk_min_words, config.tts.max_chunk_chars)
     if not chunker.push(args.text) + chunker.flush():
-        raise VoiceError(f"Nothing to say: {args.text!r} has no speakable words")
+        raise ConfigError(f"Nothing to say: TEXT {args.text!r} has no speakable words. Pass the words to speak, for example: voice say \"Good morning\"")
     sink = _output_sink(args.output, "or write to a file with --output")
     voice_path = await asyncio.to_thread(models.resolve_piper, config.tts.voice, models.cache_root(config.cache_dir))
     synthesizer = await asyncio.to_thread(Synthesizer, voice_path, config.tts)
