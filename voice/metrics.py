@@ -58,10 +58,12 @@ class TurnMetrics:
             parts.append(f"asr {show(self.asr_ms)}")
         parts.append(f"first token {show(self.first_token_ms)}")
         parts.append("-" if self.tokens_per_s is None else f"{self.tokens_per_s:.1f} tok/s")
-        if self.speculative:
-            rate = "-" if self.acceptance_rate is None else f"{self.acceptance_rate:.0%}"
+        if self.speculative and self.acceptance_rate is None:
+            # Speculation was on but no token was drafted, so there is no rate to show.
+            parts.append("no drafts")
+        elif self.speculative:
             mean = "-" if self.mean_accepted is None else f"{self.mean_accepted:.2f}"
-            parts.append(f"acceptance {rate}, {mean} accepted/step")
+            parts.append(f"acceptance {self.acceptance_rate:.0%}, {mean} accepted/step")
         else:
             parts.append("speculation off")
         if self.spoken:

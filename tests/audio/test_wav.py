@@ -15,6 +15,7 @@ import soundfile
 from voice.audio.wav import (
     SPEECH_SAMPLE_RATE,
     ReplyWavWriter,
+    check_output_path,
     load_speech,
     read_wav,
     resample,
@@ -690,8 +691,19 @@ def test_writer_missing_folder(tmp_path: Path) -> None:
         ReplyWavWriter(folder / "reply.wav", 16_000)
 
     assert str(caught.value) == (
-        f"Output folder does not exist: {folder}. Create it or choose another --output path."
+        f"Output folder does not exist: {folder}. Create it or choose another path for --output."
     )
+
+
+def test_output_check_names_request_field(tmp_path: Path) -> None:
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    setting = "the request's 'output'"
+
+    for path in (tmp_path / "no-such-folder" / "reply.wav", blocker / "reply.wav"):
+        with pytest.raises(AudioInputError) as caught:
+            check_output_path(path, setting=setting)
+        assert str(caught.value).endswith(f"another path for {setting}."), str(caught.value)
 
 
 def test_writer_path_is_directory(tmp_path: Path) -> None:

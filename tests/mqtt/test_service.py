@@ -242,7 +242,10 @@ def test_mute_switch_updates_state(assistant, observer, start_service):
     observer.wait_for(lambda: any(m.json().get("muted") for m in observer.on("voice/state")), description="muted state")
     assert runner.service.muted
     observer.publish("voice/mute/set", b"maybe")
-    observer.wait_for_payload("voice/error", code="invalid_request")
+    error = observer.wait_for_payload("voice/error", code="invalid_request")
+    assert "invalid payload 'maybe'" in error["error"]
+    assert "b'" not in error["error"]
+    assert "send ON or OFF" in error["error"]
     observer.publish("voice/mute/set", b"off")
     observer.wait_for(lambda: not observer.on("voice/state")[-1].json()["muted"], description="unmuted state")
 
@@ -422,3 +425,30 @@ def test_relative_paths_are_taken_inside_the_file_root(tmp_path):
     with pytest.raises(RequestError) as raised:
         parse_request(ASK, json.dumps({"wav": "../outside.wav"}).encode(), config, topics)
     assert raised.value.code == "bad_audio"
+
+
+@pytest.mark.parametrize(
+    ("topic", "fragment"),
+    [(protocol.TTS_SAY, "needs 'text' (the words to speak)"), (protocol.NLU_QUERY, "needs 'input' (the question to answer)")],
+    ids=["tts-say", "nlu-query"],
+)
+def test_missing_text_error_names_field(topic, fragment):
+    from voice.config import MqttConfig
+
+    with pytest.raises(protocol.RequestError) as raised:
+        protocol.parse_request(topic, b"{}", MqttConfig(), protocol.Topics.under("voice"))
+    assert raised.value.code == "invalid_request"
+    assert fragment in str(raised.value)
+
+
+def test_unsent_message_count_in_shutdown_log(assistant, broker, observer, start_service, monkeypatch, caplog):
+    from voice.mqtt import service
+
+    monkeypatch.setattr(service, "_DRAIN_TIMEOUT_S", 0.5)
+    runner = start_service(assistant)
+    wait_online(observer)
+    broker.stop()
+    with caplog.at_level("WARNING", logger="voice.mqtt.service"):
+        runner.stop()
+    unsent = [record.getMessage() for record in caplog.records if "unsent" in record.getMessage()]
+    assert unsent == ["Stopping with 1 MQTT message unsent: the broker is unreachable"]

@@ -353,16 +353,16 @@ def check_output_path(path: str | os.PathLike[str], probe_write: bool = False, s
             f"for example {path / 'reply.wav'}."
         )
     if folder.exists() and not folder.is_dir():
-        raise AudioInputError(f"Output folder {folder} is a file, not a folder. Choose another {setting} path.")
+        raise AudioInputError(f"Output folder {folder} is a file, not a folder. Choose another path for {setting}.")
     if not folder.is_dir():
-        raise AudioInputError(f"Output folder does not exist: {folder}. Create it or choose another {setting} path.")
+        raise AudioInputError(f"Output folder does not exist: {folder}. Create it or choose another path for {setting}.")
     if probe_write:
         try:
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".voice-write-check."):
                 pass
         except OSError as error:
             raise AudioInputError(
-                f"Output folder is not writable: {folder} ({error.strerror}). Choose another {setting} path."
+                f"Output folder is not writable: {folder} ({error.strerror}). Choose another path for {setting}."
             ) from None
 
 

@@ -159,16 +159,16 @@ def parse_request(topic: str, payload: bytes, config: MqttConfig, topics: Topics
         custom_data=_optional_string(data, "customData", topic, request_id, site_id),
     )
     if topic == NLU_QUERY:
-        request.text = _required_text(data, "input", topic, problem)
+        request.text = _required_text(data, "input", "the question to answer", topic, problem)
     elif topic == TTS_SAY:
         request.kind = "say"
-        request.text = _required_text(data, "text", topic, problem)
+        request.text = _required_text(data, "text", "the words to speak", topic, problem)
     elif topic == topics.ask:
         has_text, has_wav = data.get("text") is not None, data.get("wav") is not None
         if has_text == has_wav:
             raise problem("invalid_request", f"a request on {topic} needs exactly one of 'text' (the question) and 'wav' (a path to a recording of it)")
         if has_text:
-            request.text = _required_text(data, "text", topic, problem)
+            request.text = _required_text(data, "text", "the question to answer", topic, problem)
         else:
             request.wav = _path(data, "wav", config, problem)
         if data.get("output") is not None:
@@ -205,10 +205,10 @@ def _optional_string(data: dict, key: str, topic: str, request_id: str | None, s
     return value
 
 
-def _required_text(data: dict, key: str, topic: str, problem) -> str:
+def _required_text(data: dict, key: str, meaning: str, topic: str, problem) -> str:
     value = data.get(key)
     if value is None:
-        raise problem("invalid_request", f"a request on {topic} needs '{key}', the text")
+        raise problem("invalid_request", f"a request on {topic} needs '{key}' ({meaning}); send for example {{\"{key}\": \"Good morning\"}}")
     if not isinstance(value, str):
         raise problem("invalid_request", f"'{key}' on {topic} must be a string, got {value!r}")
     if not value.strip():

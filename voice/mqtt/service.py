@@ -102,7 +102,8 @@ class MqttService:
             except TimeoutError:
                 pass
             if self._outbox.qsize():
-                logger.warning("Stopping with %d MQTT messages unsent: the broker is unreachable", self._outbox.qsize())
+                unsent = self._outbox.qsize()
+                logger.warning("Stopping with %d MQTT %s unsent: the broker is unreachable", unsent, "message" if unsent == 1 else "messages")
             if self._client is not None:
                 # A clean disconnect does not fire the last will, so publish it here.
                 try:
@@ -273,7 +274,8 @@ class MqttService:
     def _set_mute(self, payload: bytes) -> None:
         value = payload.strip().upper()
         if value not in (b"ON", b"OFF"):
-            self._report(RequestError("invalid_request", f"invalid payload {payload[:40]!r} on {self.topics.mute_set}; send ON or OFF"))
+            shown = payload[:40].decode("utf-8", errors="replace")
+            self._report(RequestError("invalid_request", f"invalid payload {shown!r} on {self.topics.mute_set}; send ON or OFF"))
             return
         self.muted = value == b"ON"
         logger.info("Speaker %s", "muted" if self.muted else "unmuted")
