@@ -1,11 +1,16 @@
 """Weight-only int8 and int4 linear layers for CPU decoding, and a cache of packed weights.
 
 Decoding one token reads every weight of the model once, so on a CPU its speed is set by
-how many bytes the weights take. These layers keep the weights as 8- or 4-bit integers
-and compute with torch's packed CPU kernels (``_weight_int8pack_mm`` and
-``_weight_int4pack_mm_for_cpu``); activations stay in the model's dtype. On 2 AMD EPYC
-(Zen 4, AVX512-BF16) cores, one row through the 1.5B Qwen target's 8960x1536 layer took
-0.73 ms in int4, 0.94 ms in int8 and 1.9 ms in dense bf16.
+how many bytes the weights take. These layers keep the weights as 8- or 4-bit integers.
+Each layer computes with one of two kernels:
+
+- native (``voice.llm.qmatmul``, built at install): int16 activations and integer dot
+  products; a verification pass of several tokens reads the weights once for all of
+  them. It is the default wherever it is built and the layer's shape fits.
+- torch's packed CPU kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``)
+  with activations in the model's dtype, whose time grows with every row.
+
+Formats:
 
 - int8: one scale per output row, symmetric.
 - int4: groups of 32 input values, each with a scale and a zero (the value that code 8
@@ -30,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from voice.llm import qmatmul
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_FORMATS = ("dense", "int8", "int4")
@@ -38,7 +45,7 @@ INT4_GROUP = 32
 # torch's int4 packing interleaves output rows in blocks of 16.
 _INT4_ROW_BLOCK = 16
 # Bumped when the layout of saved packed weights changes.
-_PACKED_FORMAT = 1
+_PACKED_FORMAT = 3
 
 
 def _flatten(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -46,83 +53,160 @@ def _flatten(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return flat if flat.dtype == dtype else flat.to(dtype)
 
 
-class Int8Linear(torch.nn.Module):
-    """A linear layer with int8 weights and one scale per output row."""
+def _default_kernel(in_features: int, out_features: int) -> str:
+    return "native" if qmatmul.available() and qmatmul.fits(in_features, out_features) else "torch"
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+
+class _PackedLinear(torch.nn.Module):
+    """A linear layer whose weights live in buffers in the layout of one kernel."""
+
+    def __init__(self, buffers: dict[str, torch.Tensor | None], in_features: int, out_features: int, kernel: str) -> None:
         super().__init__()
-        self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
-        self.register_buffer("bias", bias)
+        if kernel not in ("native", "torch"):
+            raise ValueError(f"kernel must be native or torch, got {kernel!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel = kernel
+        for name, tensor in buffers.items():
+            self.register_buffer(name, tensor)
+
+    def packed_tensors(self) -> dict[str, torch.Tensor]:
+        """Return the buffers that ``__init__`` takes back, for saving."""
+        return {name: tensor for name, tensor in self.named_buffers(recurse=False) if tensor is not None}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, kernel={self.kernel}"
+
+
+class Int8Linear(_PackedLinear):
+    """A linear layer with int8 weights and one scale per output row.
+
+    Buffers of the native kernel: ``qweight`` int8, ``scales`` and ``bias`` float32. Of
+    torch's ``_weight_int8pack_mm``: ``qweight`` int8, ``scales`` and ``bias`` in the
+    model's dtype.
+    """
 
     @classmethod
-    def from_dense(cls, linear: torch.nn.Linear, dtype: torch.dtype) -> Int8Linear:
+    def from_dense(cls, linear: torch.nn.Linear, dtype: torch.dtype, kernel: str | None = None) -> Int8Linear:
+        out_features, in_features = linear.weight.shape
+        kernel = kernel or _default_kernel(in_features, out_features)
         weight = linear.weight.detach().float()
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        qweight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(qweight, scales.to(dtype), _bias(linear, dtype))
+        qweight = torch.round(weight / scales[:, None]).clamp(-127, 127)
+        if kernel == "native":
+            buffers = {"qweight": qweight.to(torch.int8), "scales": scales, "bias": _bias(linear, torch.float32)}
+        else:
+            buffers = {"qweight": qweight.to(torch.int8), "scales": scales.to(dtype), "bias": _bias(linear, dtype)}
+        return cls(buffers, in_features, out_features, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "native":
+            return qmatmul.int8_matmul(x, self.qweight, self.scales, self.bias)
         out = torch._weight_int8pack_mm(_flatten(x, self.scales.dtype), self.qweight, self.scales)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
+class Int4Linear(_PackedLinear):
+    """A linear layer with 4-bit weight codes, one scale and zero per 32 inputs of a row.
 
-class Int4Linear(torch.nn.Module):
-    """A linear layer with 4-bit weight codes, one scale and zero per 32 inputs of a row."""
-
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = packed.shape[0]
-        self.register_buffer("packed", packed)
-        # (in_features / 32, out_features, 2): scale and zero of each group.
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
-        self.register_buffer("bias", bias)
+    Buffers of the native kernel: ``codes`` (``qmatmul.pack_int4``), ``sub_scales``
+    uint8 and ``mins`` float16 per group (out, in / 32), ``block_scales`` float32 per 128
+    inputs (out, in / 128) with w = block_scale * sub_scale * code + min, and ``bias``
+    float32. Of torch's ``_weight_int4pack_mm_for_cpu``: ``packed``, ``scales_and_zeros``
+    (in / 32, out, 2) and ``bias`` in the model's dtype.
+    """
 
     @staticmethod
     def fits(linear: torch.nn.Linear) -> bool:
-        """Return True when torch's int4 kernel takes the layer's shape."""
+        """Return True when the native or torch's int4 kernel takes the layer's shape."""
         out_features, in_features = linear.weight.shape
-        return in_features % INT4_GROUP == 0 and out_features % _INT4_ROW_BLOCK == 0
+        torch_fits = in_features % INT4_GROUP == 0 and out_features % _INT4_ROW_BLOCK == 0
+        return torch_fits or (qmatmul.available() and qmatmul.fits(in_features, out_features))
 
     @classmethod
     def from_codes(
-        cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        kernel: str | None = None,
+        sub_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Int4Linear:
-        """Build from codes (out, in) in 0..15 and per-group scales and zeros (out, in / 32)."""
-        packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-        scales_and_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(dtype).contiguous()
-        return cls(packed, scales_and_zeros, bias, codes.shape[1])
+        """Build from codes (out, in) in 0..15 and per-group scales and zeros (out, in / 32).
+
+        ``sub_scales`` is the exact factoring of ``scales`` that the native kernel takes:
+        integer sub-scales (out, in / 32) and block scales (out, in / 128), as GGUF Q4_K
+        stores them. Without it the factoring is rounded (``_factor_scales``).
+        """
+        out_features, in_features = codes.shape
+        kernel = kernel or _default_kernel(in_features, out_features)
+        if kernel == "native":
+            integer_scales, block_scales = sub_scales if sub_scales is not None else _factor_scales(scales)
+            buffers = {
+                "codes": qmatmul.pack_int4(codes),
+                "sub_scales": integer_scales.to(torch.uint8).contiguous(),
+                "block_scales": block_scales.float().contiguous(),
+                # float16 keeps 11 significant bits of each minimum.
+                "mins": (zeros - 8 * scales).to(torch.float16).contiguous(),
+                "bias": None if bias is None else bias.float().contiguous(),
+            }
+        else:
+            buffers = {
+                "packed": torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1),
+                "scales_and_zeros": torch.stack([scales.T, zeros.T], dim=-1).to(dtype).contiguous(),
+                "bias": None if bias is None else bias.to(dtype),
+            }
+        return cls(buffers, in_features, out_features, kernel)
 
     @classmethod
-    def from_dense(cls, linear: torch.nn.Linear, dtype: torch.dtype) -> Int4Linear:
-        """Quantize each group of 32 weights to 16 evenly spaced levels between its minimum and maximum."""
+    def from_dense(cls, linear: torch.nn.Linear, dtype: torch.dtype, kernel: str | None = None) -> Int4Linear:
+        """Quantize each group of 32 weights to 16 evenly spaced levels from its minimum up."""
+        out_features, in_features = linear.weight.shape
+        kernel = kernel or _default_kernel(in_features, out_features)
         weight = linear.weight.detach().float()
         groups = weight.reshape(weight.shape[0], -1, INT4_GROUP)
         low = groups.amin(dim=-1)
         scales = ((groups.amax(dim=-1) - low) / 15).clamp(min=1e-12)
+        sub_scales = None
+        if kernel == "native":
+            # Round the step up to what the integer sub-scales can express, so that the
+            # group's range still fits in 16 levels, and start from the stored minimum.
+            integer_scales, block_scales = _factor_scales(scales, round_up=True)
+            scales = integer_scales * block_scales.repeat_interleave(qmatmul.BLOCK // INT4_GROUP, dim=1)
+            low = low.half().float()
+            sub_scales = (integer_scales, block_scales)
         codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15).reshape(weight.shape)
-        return cls.from_codes(codes, scales, low + 8 * scales, _bias(linear, dtype), dtype)
+        return cls.from_codes(codes, scales, low + 8 * scales, _bias(linear, dtype), dtype, kernel, sub_scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "native":
+            return qmatmul.int4_matmul(x, self.codes, self.sub_scales, self.block_scales, self.mins, self.bias)
         flat = _flatten(x, self.scales_and_zeros.dtype)
-        # NOTE: this kernel's time grows with the rows: 0.73 ms for 1 row and 1.33 ms for 5
-        # on an 8960x1536 layer. A verification pass so costs far more than one token, and
-        # speculation over an int4 target barely pays. With float32 activations the kernel
-        # is slower than a dense float32 layer.
+        # NOTE: torch's kernel takes longer with every row: 0.73 ms for 1 row and 1.33 ms
+        # for 5 on an 8960x1536 layer, so a verification pass costs far more than one token.
+        # With float32 activations it is slower than a dense float32 layer.
         out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales_and_zeros)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+def _factor_scales(scales: torch.Tensor, round_up: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factor per-group scales (out, in / 32) into integer sub-scales and one float per 128 inputs.
+
+    The block scale is the block's largest scale / 255, so sub-scales use the whole uint8
+    range. A group whose scale is far below its block's largest loses precision, as in
+    GGUF's Q4_K. ``round_up`` rounds sub-scales up instead of to nearest.
+    """
+    blocks = scales.float().reshape(scales.shape[0], -1, qmatmul.BLOCK // INT4_GROUP)
+    block_scales = (blocks.amax(dim=-1) / qmatmul.MAX_SUB_SCALE).clamp(min=1e-30)
+    ratio = blocks / block_scales[..., None]
+    integer_scales = (torch.ceil(ratio - 1e-4) if round_up else torch.round(ratio)).clamp(1, qmatmul.MAX_SUB_SCALE)
+    return integer_scales.reshape(scales.shape), block_scales
 
 
 def _bias(linear: torch.nn.Linear, dtype: torch.dtype) -> torch.Tensor | None:
@@ -130,6 +214,11 @@ def _bias(linear: torch.nn.Linear, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 QUANTIZED_LINEAR = (Int8Linear, Int4Linear)
+
+
+def uses_native_kernels(model: torch.nn.Module) -> bool:
+    """Return True when any linear layer of ``model`` computes with the native kernels."""
+    return any(isinstance(module, QUANTIZED_LINEAR) and module.kernel == "native" for module in model.modules())
 
 
 def gguf_q4_k_codes(blocks: np.ndarray, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,6 +245,24 @@ def gguf_q4_k_codes(blocks: np.ndarray, out_features: int, in_features: int) -> 
     scales_t = torch.from_numpy(scales.reshape(out_features, groups))
     zeros_t = torch.from_numpy((8 * scales - mins).reshape(out_features, groups))
     return torch.from_numpy(codes.astype(np.int32)), scales_t, zeros_t
+
+
+def gguf_q4_k_sub_scales(blocks: np.ndarray, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return a Q4_K tensor's 6-bit sub-scales (out, in / 32) and its d per 128 inputs (out, in / 128).
+
+    Their product is the scale ``gguf_q4_k_codes`` returns; the native int4 kernel takes
+    the two factors as they are.
+    """
+    from gguf.quants import Q4_K
+
+    data = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, 144)
+    d = data[:, 0:2].view(np.float16).astype(np.float32).reshape(out_features, in_features // 256)
+    sub_scales, _ = Q4_K.get_scale_min(data[:, 4:16])
+    halves = 256 // qmatmul.BLOCK
+    return (
+        torch.from_numpy(sub_scales.astype(np.int32).reshape(out_features, in_features // INT4_GROUP)),
+        torch.from_numpy(d).repeat_interleave(halves, dim=1),
+    )
 
 
 @dataclass
@@ -280,7 +387,8 @@ def quantize_model(model: torch.nn.Module, weights: str, gguf: GgufSource | None
                 blocks, out_features, in_features = q4_k[name]
                 codes, scales, zeros = gguf_q4_k_codes(blocks, out_features, in_features)
                 if _matches_dense(codes, scales, zeros, module):
-                    replacement = Int4Linear.from_codes(codes, scales, zeros, _bias(module, dtype), dtype)
+                    sub_scales = gguf_q4_k_sub_scales(blocks, out_features, in_features)
+                    replacement = Int4Linear.from_codes(codes, scales, zeros, _bias(module, dtype), dtype, sub_scales=sub_scales)
                     report.int4_from_gguf += 1
                     report.exact_layers.add(name)
                 else:
@@ -318,6 +426,7 @@ class PackedWeightCache:
             "torch": torch.__version__,
             "format": _PACKED_FORMAT,
             "gguf": from_gguf,
+            "native_kernels": qmatmul.available(),
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.path = cache_dir / "packed" / f"{Path(source).name}-{weights}-{str(dtype).removeprefix('torch.')}-{digest}.safetensors"
@@ -340,13 +449,14 @@ class PackedWeightCache:
                 # The int4 kernel crashed (a segmentation fault) on a tensor as read from the
                 # file; a clone() in fresh memory works.
                 tensors = {key: saved.get_tensor(f"{name}.{key}").clone() for key in entry["tensors"]}
-                bias = tensors.get("bias")
+                tensors.setdefault("bias", None)
+                out_features, in_features = entry["shape"]
                 if entry["kind"] == "int4":
-                    layer = Int4Linear(tensors["packed"], tensors["scales_and_zeros"], bias, entry["shape"][1])
+                    layer = Int4Linear(tensors, in_features, out_features, entry["kernel"])
                     report.int4_from_gguf += entry.get("from_gguf", False)
                     report.int4_requantized += not entry.get("from_gguf", False)
                 else:
-                    layer = Int8Linear(tensors["qweight"], tensors["scales"], bias)
+                    layer = Int8Linear(tensors, in_features, out_features, entry["kernel"])
                     report.int8 += 1
                 _replace(model, name, layer)
         # Layers not in the file (or of another shape) are packed now.
@@ -364,21 +474,18 @@ class PackedWeightCache:
         tensors: dict[str, torch.Tensor] = {}
         index: dict[str, dict] = {}
         for name, module in _linear_layers(model).items():
-            if isinstance(module, Int4Linear):
-                kind = "int4"
-                own = {"packed": module.packed, "scales_and_zeros": module.scales_and_zeros}
-                shape = [module.out_features, module.in_features]
-            elif isinstance(module, Int8Linear):
-                kind = "int8"
-                own = {"qweight": module.qweight, "scales": module.scales}
-                shape = list(module.qweight.shape)
-            else:
+            if not isinstance(module, QUANTIZED_LINEAR):
                 continue
-            if module.bias is not None:
-                own["bias"] = module.bias
+            own = module.packed_tensors()
             for key, tensor in own.items():
                 tensors[f"{name}.{key}"] = tensor.contiguous()
-            index[name] = {"kind": kind, "shape": shape, "tensors": sorted(own), "from_gguf": name in from_gguf}
+            index[name] = {
+                "kind": "int4" if isinstance(module, Int4Linear) else "int8",
+                "kernel": module.kernel,
+                "shape": [module.out_features, module.in_features],
+                "tensors": sorted(own),
+                "from_gguf": name in from_gguf,
+            }
         staging = self.path.with_suffix(".partial")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,148 @@
+"""The native int4 and int8 kernels against a float reference, on every instruction set this CPU runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from voice.llm import qmatmul
+from voice.llm.quant import Int4Linear, Int8Linear
+
+pytestmark = pytest.mark.skipif(not qmatmul.available(), reason="native kernels not built (no C compiler at install)")
+
+SHAPES = [(4, 128), (256, 1536), (36, 896)]
+
+
+@pytest.fixture(params=qmatmul.supported_instruction_sets() or ["none"])
+def instruction_set(request):
+    best = qmatmul.supported_instruction_sets()[-1]
+    qmatmul.use_instruction_set(request.param)
+    yield request.param
+    qmatmul.use_instruction_set(best)
+
+
+def int4_reference(layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
+    codes = qmatmul.unpack_int4(layer.codes).float()
+    scales = layer.sub_scales.float() * layer.block_scales.repeat_interleave(qmatmul.BLOCK // qmatmul.GROUP, dim=1)
+    groups = codes.reshape(codes.shape[0], -1, qmatmul.GROUP) * scales[..., None] + layer.mins.float()[..., None]
+    weight = groups.reshape(codes.shape)
+    return x.float() @ weight.T + (0 if layer.bias is None else layer.bias)
+
+
+def int8_reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    return x.float() @ (layer.qweight.float() * layer.scales[:, None]).T + (0 if layer.bias is None else layer.bias)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9, 17])
+def test_kernels_match_float_reference(instruction_set, out_features, in_features, rows):
+    torch.manual_seed(rows)
+    dense = torch.nn.Linear(in_features, out_features)
+    int4 = Int4Linear.from_dense(dense, torch.float32, kernel="native")
+    int8 = Int8Linear.from_dense(dense, torch.float32, kernel="native")
+    x = torch.randn(rows, in_features)
+    # Activations are rounded to 16 bits per block of 128 values, a few 1e-5 of the result.
+    assert relative_error(int4(x), int4_reference(int4, x)) < 1e-4
+    assert relative_error(int8(x), int8_reference(int8, x)) < 1e-4
+
+
+def test_kernel_handles_outlier_activations(instruction_set):
+    # One huge value per block (as in some LLM channels) costs the others precision.
+    torch.manual_seed(3)
+    dense = torch.nn.Linear(256, 8)
+    int8 = Int8Linear.from_dense(dense, torch.float32, kernel="native")
+    x = torch.randn(2, 256)
+    x[:, ::128] = 1000.0
+    assert relative_error(int8(x), int8_reference(int8, x)) < 1e-3
+
+
+def test_rows_bit_identical_whatever_the_batch(instruction_set):
+    torch.manual_seed(4)
+    dense = torch.nn.Linear(384, 64)
+    for layer in (Int4Linear.from_dense(dense, torch.float32, kernel="native"), Int8Linear.from_dense(dense, torch.float32, kernel="native")):
+        x = torch.randn(11, 384)
+        batch = layer(x)
+        for rows in range(1, 11):
+            assert torch.equal(layer(x[:rows]), batch[:rows])
+        # The split over threads does not change a row either.
+        qmatmul.set_threads(1)
+        try:
+            single = layer(x)
+        finally:
+            qmatmul.set_threads(0)
+        assert torch.equal(single, batch)
+
+
+def test_instruction_sets_agree():
+    torch.manual_seed(5)
+    layer = Int4Linear.from_dense(torch.nn.Linear(512, 32), torch.float32, kernel="native")
+    x = torch.randn(5, 512)
+    best = qmatmul.supported_instruction_sets()[-1]
+    outputs = []
+    try:
+        for name in qmatmul.supported_instruction_sets():
+            qmatmul.use_instruction_set(name)
+            outputs.append(layer(x))
+    finally:
+        qmatmul.use_instruction_set(best)
+    for output in outputs[1:]:
+        torch.testing.assert_close(output, outputs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_activations_and_output():
+    torch.manual_seed(6)
+    dense = torch.nn.Linear(256, 16)
+    layer = Int4Linear.from_dense(dense, torch.bfloat16, kernel="native")
+    x = torch.randn(3, 256).bfloat16()
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, int4_reference(layer, x)) < 1e-2  # bfloat16 output rounding
+
+
+def test_batched_input_keeps_its_shape():
+    layer = Int8Linear.from_dense(torch.nn.Linear(128, 8), torch.float32, kernel="native")
+    x = torch.randn(2, 3, 128)
+    out = layer(x)
+    assert out.shape == (2, 3, 8)
+    torch.testing.assert_close(out.reshape(6, 8), layer(x.reshape(6, 128)), rtol=0, atol=0)
+
+
+def test_int4_packing_round_trip():
+    codes = torch.randint(0, 16, (8, 384), dtype=torch.uint8)
+    packed = qmatmul.pack_int4(codes)
+    assert packed.shape == (8, 192)
+    assert torch.equal(qmatmul.unpack_int4(packed), codes)
+
+
+def test_invalid_shape_rejected():
+    weights = torch.zeros(4, 96, dtype=torch.int8)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        qmatmul.int8_matmul(torch.zeros(1, 96), weights, torch.ones(4), None)
+
+
+def test_unknown_instruction_set_rejected():
+    with pytest.raises(ValueError, match="not supported"):
+        qmatmul.use_instruction_set("avx1024")
+
+
+def test_route_threads_restores_torch_threads():
+    model = torch.nn.Sequential(Int8Linear.from_dense(torch.nn.Linear(128, 8), torch.float32, kernel="native"))
+    seen = []
+    inner = model[0].forward
+
+    def spy(x):
+        seen.append((torch.get_num_threads(), qmatmul._threads))
+        return inner(x)
+
+    model[0].forward = spy
+    qmatmul.route_threads(model)
+    qmatmul.route_threads(model)  # a second call changes nothing
+    before = torch.get_num_threads()
+    model(torch.randn(1, 128))
+    assert seen == [(1, before)]
+    assert torch.get_num_threads() == before
+    assert qmatmul._threads == 0
