@@ -119,11 +119,12 @@ class Int4Linear(_PackedLinear):
     """
 
     @staticmethod
-    def fits(linear: torch.nn.Linear) -> bool:
-        """Return True when the native or torch's int4 kernel takes the layer's shape."""
+    def fits(linear: torch.nn.Linear, kernel: str | None = None) -> bool:
+        """Return True when ``kernel`` (by default either) takes the layer's int4 shape."""
         out_features, in_features = linear.weight.shape
         torch_fits = in_features % INT4_GROUP == 0 and out_features % _INT4_ROW_BLOCK == 0
-        return torch_fits or (qmatmul.available() and qmatmul.fits(in_features, out_features))
+        native_fits = qmatmul.available() and qmatmul.fits(in_features, out_features)
+        return {"torch": torch_fits, "native": native_fits}.get(kernel, torch_fits or native_fits)
 
     @classmethod
     def from_codes(
@@ -363,13 +364,14 @@ def _matches_dense(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     return (rebuilt.reshape(reference.shape) - reference).abs().amax().item() <= tolerance
 
 
-def quantize_model(model: torch.nn.Module, weights: str, gguf: GgufSource | None = None) -> QuantizeReport:
+def quantize_model(model: torch.nn.Module, weights: str, gguf: GgufSource | None = None, kernel: str | None = None) -> QuantizeReport:
     """Replace the model's linear layers with ``weights`` (int8 or int4) layers in place.
 
     With ``gguf``, int4 layers stored as Q4_K there keep their codes exactly; layers the
     int4 kernel cannot take, and int4 layers stored in other GGUF formats (Q6_K, Q5_0 ...),
     become int8 from the dense weights: int8 keeps their 5 to 6 bits with little loss.
-    Embeddings and norms stay dense.
+    Embeddings and norms stay dense. ``kernel`` (native or torch) overrides the default
+    kernel, the native one wherever it is built and fits.
     """
     if weights not in ("int8", "int4"):
         raise ValueError(f"weights must be int8 or int4, got {weights!r}")
@@ -382,24 +384,27 @@ def quantize_model(model: torch.nn.Module, weights: str, gguf: GgufSource | None
             continue
         replacement: torch.nn.Module
         from_gguf = name in q4_k and q4_k[name][1:] == tuple(module.weight.shape)
-        if weights == "int4" and Int4Linear.fits(module) and (gguf is None or from_gguf):
+        if weights == "int4" and Int4Linear.fits(module, kernel) and (gguf is None or from_gguf):
             if from_gguf:
                 blocks, out_features, in_features = q4_k[name]
                 codes, scales, zeros = gguf_q4_k_codes(blocks, out_features, in_features)
                 if _matches_dense(codes, scales, zeros, module):
                     sub_scales = gguf_q4_k_sub_scales(blocks, out_features, in_features)
-                    replacement = Int4Linear.from_codes(codes, scales, zeros, _bias(module, dtype), dtype, sub_scales=sub_scales)
+                    replacement = Int4Linear.from_codes(codes, scales, zeros, _bias(module, dtype), dtype, kernel, sub_scales)
                     report.int4_from_gguf += 1
                     report.exact_layers.add(name)
                 else:
                     logger.warning("GGUF tensor for %s does not match the model's weights; quantizing it again", name)
-                    replacement = Int4Linear.from_dense(module, dtype)
+                    replacement = Int4Linear.from_dense(module, dtype, kernel)
                     report.int4_requantized += 1
             else:
-                replacement = Int4Linear.from_dense(module, dtype)
+                replacement = Int4Linear.from_dense(module, dtype, kernel)
                 report.int4_requantized += 1
         else:
-            replacement = Int8Linear.from_dense(module, dtype)
+            int8_kernel = kernel
+            if kernel == "native" and not qmatmul.fits(module.in_features, module.out_features):
+                int8_kernel = "torch"  # torch's int8 kernel takes any shape
+            replacement = Int8Linear.from_dense(module, dtype, int8_kernel)
             report.int8 += 1
         _replace(model, name, replacement)
     report.seconds = time.perf_counter() - started
