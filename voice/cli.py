@@ -185,6 +185,12 @@ async def _respond(config: Config, args: argparse.Namespace) -> int:
             "Choose another --output path."
         )
     sink = _output_sink(args.output, "or write to a file with --output")
+    # Silence and noise are rejected by webrtcvad alone, before the models load.
+    from voice.asr.recognizer import check_speech
+
+    _voiced_ms, rejected = check_speech(audio, config.asr)
+    if rejected is not None:
+        return _report_no_speech(args.input, rejected.reason)
 
     from voice.pipeline import load_assistant
 
@@ -192,16 +198,20 @@ async def _respond(config: Config, args: argparse.Namespace) -> int:
     assistant = await load_assistant(config, speculative=speculative)
     result = await assistant.respond_to_audio(audio, sink, _PrintingEvents(show_transcript=True), speculative)
     if not result.transcript.has_speech:
-        print(
-            f"No speech detected in {args.input}, so nothing was answered: {result.transcript.reason}. "
-            "If it does contain a question, record it louder or closer to the microphone.",
-            file=sys.stderr,
-        )
-        return EXIT_NO_SPEECH
+        return _report_no_speech(args.input, result.transcript.reason)
     print(f"Timing: {result.metrics.summary()}", flush=True)
     if args.output:
         print(f"Reply: {args.output} ({result.metrics.audio_s:.1f} s of audio)", flush=True)
     return 0
+
+
+def _report_no_speech(path: str, reason: str) -> int:
+    print(
+        f"No speech detected in {path}, so nothing was answered: {reason}. "
+        "If it does contain a question, record it louder or closer to the microphone.",
+        file=sys.stderr,
+    )
+    return EXIT_NO_SPEECH
 
 
 def _output_sink(output: str | None, speaker_hint: str):

@@ -68,9 +68,9 @@ class Recognizer:
     def transcribe(self, audio: np.ndarray) -> Transcript:
         """Transcribe 16 kHz mono float32 audio; blocking, so call it from a worker thread."""
         duration_s = len(audio) / 16_000
-        voiced_ms = longest_voiced_run_ms(normalize_peak(audio), self.config.vad_aggressiveness)
-        if voiced_ms < self.config.min_speech_ms:
-            return Transcript("", f"the longest stretch of speech was {voiced_ms} ms, under asr.min_speech_ms ({self.config.min_speech_ms} ms)", duration_s, voiced_ms)
+        voiced_ms, rejected = check_speech(audio, self.config)
+        if rejected is not None:
+            return rejected
 
         segments, _info = self.model.transcribe(
             audio,
@@ -116,6 +116,18 @@ class Recognizer:
             segment.no_speech_prob > self.config.no_speech_threshold
             and segment.avg_logprob < self.config.log_prob_threshold
         )
+
+
+def check_speech(audio: np.ndarray, config: AsrConfig) -> tuple[int, Transcript | None]:
+    """Return the longest voiced run of 16 kHz audio in ms, and a no-speech Transcript when it is under ``min_speech_ms``.
+
+    Needs webrtcvad only, so callers can reject silence and noise before loading Whisper.
+    """
+    voiced_ms = longest_voiced_run_ms(normalize_peak(audio), config.vad_aggressiveness)
+    if voiced_ms >= config.min_speech_ms:
+        return voiced_ms, None
+    reason = f"the longest stretch of speech was {voiced_ms} ms, under asr.min_speech_ms ({config.min_speech_ms} ms)"
+    return voiced_ms, Transcript("", reason, len(audio) / 16_000, voiced_ms)
 
 
 def _has_words(text: str) -> bool:
