@@ -293,3 +293,22 @@ def test_chat_skips_invalid_utf8_line(qwen_tokenizer, monkeypatch, capsys, stdin
     assert "line 1" in errors[0]
     assert "UTF-8" in errors[0]
     assert output.out.count("Timing:") == 1
+
+
+@pytest.mark.slow
+def test_listen_replay_writes_replies_to_folder(tmp_path):
+    from voice.audio.wav import read_wav
+
+    question = FIXTURES / "en_piper_capital_france_quiet.wav"
+    result = run_voice("listen", "--replay", str(question), "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "paris" in result.stdout.lower()
+    samples, rate = read_wav(tmp_path / "reply-001.wav")
+    assert len(samples) / rate > 0.5
+    assert not (tmp_path / "reply-002.wav").exists()
+
+
+def test_listen_output_dir_must_exist(tmp_path):
+    missing = tmp_path / "missing"
+    result = run_voice("listen", "--replay", str(FIXTURES / "silence_digital_5s.wav"), "--output-dir", str(missing), timeout=120)
+    assert_clean_failure(result, 4, str(missing), "--output-dir")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 import os
 import signal
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--no-speculation", action="store_true", help="decode with the target model alone, for comparison")
     listen.add_argument(
         "--replay", nargs="+", metavar="WAV", help="instead of the microphone, play these recordings into the loop in real time, 1.5 s apart (for demos and tests)"
+    )
+    listen.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="write each reply to DIR/reply-001.wav, reply-002.wav ... at the pace of playback instead of playing it (for machines without a speaker)",
     )
 
     say = add_command("say", "speak TEXT with the configured piper voice", "Speak TEXT with the configured piper voice, chunk by chunk.")
@@ -419,9 +425,9 @@ async def _bench(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _listen(config: Config, args: argparse.Namespace) -> int:
-    from voice.audio.sinks import SpeakerSink
+    from voice.audio.sinks import PacedSink, PacedWavSink, SpeakerSink
     from voice.audio.sources import MicrophoneSource, ReplaySource, device_setting
-    from voice.audio.wav import read_wav
+    from voice.audio.wav import check_output_path, read_wav
 
     settings = config.listen
     if args.replay:
@@ -431,9 +437,20 @@ async def _listen(config: Config, args: argparse.Namespace) -> int:
     else:
         source = MicrophoneSource(settings.input_device)
         source.check()
-    speaker_hint = "or set listen.output_device"
+    speaker_hint = "or set listen.output_device, or write the replies to files with --output-dir"
     output = device_setting(settings.output_device)
-    SpeakerSink(output, hint=speaker_hint).check()
+    if args.output_dir:
+        check_output_path(Path(args.output_dir) / "reply-001.wav", probe_write=True, setting="--output-dir")
+        replies = itertools.count(1)
+
+        def make_sink() -> PacedSink:
+            return PacedWavSink(Path(args.output_dir) / f"reply-{next(replies):03d}.wav")
+
+    else:
+        SpeakerSink(output, hint=speaker_hint).check()
+
+        def make_sink() -> PacedSink:
+            return SpeakerSink(output, hint=speaker_hint)
 
     from voice.live import LiveLoop
     from voice.pipeline import load_assistant
@@ -441,7 +458,7 @@ async def _listen(config: Config, args: argparse.Namespace) -> int:
     speculative = False if args.no_speculation else None
     assistant = await load_assistant(config, speculative=speculative)
     print("Listening. Speak a question; Ctrl-C ends." + (f" Start with {settings.wake_phrase!r}." if settings.wake_phrase else ""), flush=True)
-    loop = LiveLoop(assistant, settings, source, lambda: SpeakerSink(output, hint=speaker_hint), _PrintingEvents(show_transcript=True))
+    loop = LiveLoop(assistant, settings, source, make_sink, _PrintingEvents(show_transcript=True))
     await loop.run()
     return 0
 

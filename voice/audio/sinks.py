@@ -112,6 +112,47 @@ class PacedSink(AudioSink):
             self._stop.set()
 
 
+class PacedWavSink(PacedSink):
+    """Writes a reply to a WAV file at the pace of playback, for the live loop without a speaker.
+
+    The live loop's timing, echo gate and barge-in work as with a speaker. A reply cut
+    off by barge-in keeps what was written until then, which is what a speaker would
+    have played. A reply that fails leaves no file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self._writer = None
+        self._interrupted = False
+
+    async def open(self, sample_rate: int) -> None:
+        from voice.audio.wav import ReplyWavWriter
+
+        await super().open(sample_rate)
+        self._interrupted = False
+        self._writer = ReplyWavWriter(self.path, sample_rate)
+
+    def _play(self, piece: np.ndarray) -> None:
+        started = time.perf_counter()
+        self._writer.write(piece)
+        time.sleep(max(0.0, len(piece) / self.sample_rate - (time.perf_counter() - started)))
+
+    def interrupt(self) -> None:
+        self._interrupted = True
+        super().interrupt()
+
+    async def close(self, ok: bool) -> None:
+        await super().close(ok)
+        if self._writer is None:
+            return
+        writer, self._writer = self._writer, None
+        if ok or self._interrupted:
+            await asyncio.to_thread(writer.commit)
+        else:
+            await asyncio.to_thread(writer.discard)
+
+
 class SpeakerSink(PacedSink):
     """Plays the reply through a sounddevice output stream."""
 
