@@ -58,6 +58,7 @@ def test_voice_benchmark_report_has_every_figure(assistant, tmp_path):
     assert saved["identical_answers"] == 1.0
     assert saved["machine"]["cores"] >= 1
     assert saved["machine"]["torch"]
+    assert saved["machine"]["native_kernels"] in ("avx512_vnni", "avx2", "scalar", "off (torch's kernels)")
     for field, entry in saved["figures"].items():
         assert entry["on"]["p50"] is not None, field
         if field not in ("acceptance_rate", "mean_accepted"):
@@ -73,3 +74,4 @@ def test_voice_benchmark_report_has_every_figure(assistant, tmp_path):
     markdown = (tmp_path / "out" / "bench-voice.md").read_text()
     assert "| first audio (ms) |" in markdown
     assert saved["machine"]["cpu"] in markdown
+    assert f"native int4/int8 kernels {saved['machine']['native_kernels']}" in markdown

@@ -12,8 +12,17 @@ from typing import Any
 PACKAGES = ("torch", "transformers", "faster-whisper", "ctranslate2", "piper-tts", "onnxruntime", "webrtcvad-wheels", "aiomqtt")
 
 
+def _native_kernels() -> str:
+    """Instruction set of voice's int4 and int8 kernels, or why they are not used."""
+    from voice.llm import qmatmul
+
+    if not qmatmul.available():
+        return "off (torch's kernels)"
+    return qmatmul.instruction_set()
+
+
 def machine_description() -> dict[str, Any]:
-    """Return the CPU model, core count, memory, SIMD flags and package versions."""
+    """Return the CPU model, core count, memory, SIMD flags, native kernels and package versions."""
     cpu = platform.processor() or platform.machine()
     flags: list[str] = []
     try:
@@ -30,8 +39,9 @@ def machine_description() -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "memory_bytes": memory,
-        "simd": [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags],
+        "simd": [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if flag in flags],
         "python": platform.python_version(),
+        "native_kernels": _native_kernels(),
     }
     for package in PACKAGES:
         try:

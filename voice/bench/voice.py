@@ -324,7 +324,7 @@ def format_markdown(report: dict[str, Any], images: tuple[str, str]) -> str:
         format_table(report),
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {memory}, SIMD {', '.join(machine['simd']) or 'none'}; "
-        f"Python {machine['python']}.",
+        f"native int4/int8 kernels {machine.get('native_kernels', 'unknown')}; Python {machine['python']}.",
         "",
         "Packages: " + ", ".join(f"{package} {machine.get(package) or 'not installed'}" for package in PACKAGES) + ".",
         "",
