@@ -146,3 +146,10 @@ def test_route_threads_restores_torch_threads():
     assert seen == [(1, before)]
     assert torch.get_num_threads() == before
     assert qmatmul._threads == 0
+
+
+def test_converted_buffers_rejected():
+    layer = Int4Linear.from_dense(torch.nn.Linear(128, 8), torch.float32, kernel="native")
+    layer.half()  # converts the float buffers, which the kernel reads as raw memory
+    with pytest.raises(TypeError, match="quantize the model after converting its dtype"):
+        layer(torch.randn(1, 128))

@@ -155,9 +155,24 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return nibbles.reshape(rows, half * 2).to(torch.uint8)
 
 
-def _run(kernel, x: torch.Tensor, in_features: int, out_features: int, weights: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
-    # The C code reads raw pointers: every tensor must be contiguous and of the dtype
-    # documented below. The layers in voice.llm.quant build their buffers that way.
+def _run(
+    kernel,
+    x: torch.Tensor,
+    in_features: int,
+    out_features: int,
+    weights: list[torch.Tensor],
+    dtypes: tuple[torch.dtype, ...],
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    # The C code reads raw pointers, so every tensor must be contiguous and of the dtype
+    # documented below. Module.to() or .half() on a quantized model would convert the
+    # float buffers, and the kernel would then read garbage.
+    for tensor, dtype in zip([*weights, bias], dtypes):
+        if tensor is not None and (tensor.dtype != dtype or not tensor.is_contiguous()):
+            raise TypeError(
+                f"native kernel buffer is {tensor.dtype} (contiguous: {tensor.is_contiguous()}), expected contiguous {dtype}; "
+                "quantize the model after converting its dtype, not before"
+            )
     flat = x.reshape(-1, in_features)
     if flat.dtype not in _DTYPE_CODES:
         flat = flat.float()
@@ -197,7 +212,9 @@ def int4_matmul(
     The output has x's dtype when that is float32 or bfloat16; other dtypes compute in
     float32.
     """
-    return _run(_extension.int4_matmul, x, codes.shape[1] * 2, codes.shape[0], [codes, sub_scales, block_scales, mins], bias)
+    weights = [codes, sub_scales, block_scales, mins]
+    dtypes = (torch.uint8, torch.uint8, torch.float32, torch.float16, torch.float32)
+    return _run(_extension.int4_matmul, x, codes.shape[1] * 2, codes.shape[0], weights, dtypes, bias)
 
 
 def int8_matmul(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -205,4 +222,5 @@ def int8_matmul(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, bi
 
     ``weights`` is int8 (out, in); ``scales`` and ``bias`` are float32 (out).
     """
-    return _run(_extension.int8_matmul, x, weights.shape[1], weights.shape[0], [weights, scales], bias)
+    dtypes = (torch.int8, torch.float32, torch.float32)
+    return _run(_extension.int8_matmul, x, weights.shape[1], weights.shape[0], [weights, scales], dtypes, bias)
