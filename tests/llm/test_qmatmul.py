@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -153,3 +157,14 @@ def test_converted_buffers_rejected():
     layer.half()  # converts the float buffers, which the kernel reads as raw memory
     with pytest.raises(TypeError, match="quantize the model after converting its dtype"):
         layer(torch.randn(1, 128))
+
+
+def test_instruction_set_from_environment():
+    slowest = qmatmul.supported_instruction_sets()[0]
+    code = "from voice.llm import qmatmul; print(qmatmul.instruction_set())"
+    env = {**os.environ, qmatmul.NATIVE_ISA_ENV: slowest}
+    chosen = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip() == slowest
+    env[qmatmul.NATIVE_ISA_ENV] = "avx1024"
+    unknown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert unknown.stdout.strip() == qmatmul.supported_instruction_sets()[-1]

@@ -2,13 +2,15 @@
 
 The C kernels quantize each activation row to int16 (one scale per 128 values) and take
 integer dot products with AVX512-VNNI or AVX2, choosing the instruction set at run time.
-They read each block of weights once for all the rows of a call. So a 5-token
-verification pass of the int4 1.5B Qwen target took 1.7 times a 1-token pass on 2 Zen 4
-cores, where torch's int4 kernel took 2.8 times. The extension is built at install when
+They read each block of weights once for all the rows of a call. On 2 Zen 4 cores a
+1-token pass of the int4 1.5B Qwen target took 57 ms against 66 ms with torch's int4
+kernel, and a 5-token verification pass 110 ms against 189 ms (docs/measure_kernels.py). The extension is built at install when
 a C compiler is present. Without it ``available()`` is False and the layers in
 ``voice.llm.quant`` use torch's kernels.
 
-Set ``VOICE_NATIVE_KERNELS=0`` to use torch's kernels even when the extension is built.
+Set ``VOICE_NATIVE_KERNELS=0`` to use torch's kernels even when the extension is built,
+and ``VOICE_NATIVE_ISA`` to ``avx2`` or ``scalar`` to try a slower instruction set than the
+CPU's best (for comparing machines).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ except ImportError:  # built without a C compiler, or on another platform
 logger = logging.getLogger(__name__)
 
 NATIVE_KERNELS_ENV = "VOICE_NATIVE_KERNELS"
+NATIVE_ISA_ENV = "VOICE_NATIVE_ISA"
 # Inputs per int4 sub-scale, inputs per activation scale and int4 block scale, and
 # output rows per block in the C kernels.
 GROUP = 32
@@ -70,6 +73,11 @@ def _share_torch_openmp() -> bool:
 
 
 SHARES_TORCH_THREADS = _share_torch_openmp()
+if _extension is not None and os.environ.get(NATIVE_ISA_ENV):
+    try:
+        _extension.set_isa(os.environ[NATIVE_ISA_ENV])
+    except ValueError as error:
+        logger.warning("%s: %s; using %s", NATIVE_ISA_ENV, error, _extension.isa())
 """True when the kernels run on torch's OpenMP threads, so ``route_threads`` is not needed."""
 
 
