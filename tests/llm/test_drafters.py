@@ -165,7 +165,10 @@ def test_failed_forward_pass_resets_caches():
     decoder = SpeculativeDecoder(target, perturbed_copy(target, 0.3, seed=53), NO_EOS, draft_tokens=3)
     decoder.prefill([1, 2, 3])
     calls = {"count": 0}
-    original = target.forward
+    # The last layer's last projection runs once per pass, after the earlier layers have
+    # stored their keys and values.
+    projection = target.model.layers[-1].mlp.down_proj
+    original = projection.forward
 
     def failing_forward(*args, **kwargs):
         calls["count"] += 1
@@ -173,10 +176,11 @@ def test_failed_forward_pass_resets_caches():
             raise RuntimeError("simulated failure inside the model")
         return original(*args, **kwargs)
 
-    target.forward = failing_forward
+    projection.forward = failing_forward
     with pytest.raises(RuntimeError, match="simulated"):
         decode(decoder, [1, 2, 3, 4, 5], 20)
+    assert calls["count"] == 3
     assert decoder.target.ids == []
     assert decoder.draft.ids == []
-    target.forward = original
+    projection.forward = original
     assert decode(decoder, [1, 2, 3, 4, 5], 20) == plain_greedy(target, [1, 2, 3, 4, 5], 20)

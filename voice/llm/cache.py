@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from transformers import DynamicCache, PreTrainedModel
+
+from voice.llm import direct
 
 
 class TokenCache:
@@ -11,11 +15,17 @@ class TokenCache:
 
     Invariant: ``self.kv.get_seq_length() == len(self.ids)``. Tokens past ``ids`` that the
     decoder knows but has not fed yet are the model's pending tokens.
+
+    Qwen2 and Llama models run through ``voice.llm.direct`` with a preallocated
+    ``KeyValueBuffer``; other models through transformers with a ``DynamicCache``.
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
-        self.kv = _new_cache(model)
+        self._direct = None
+        # The direct pass is built at the first forward pass, after the loader has
+        # quantized the model's layers. Until then a model that takes it has no cache.
+        self.kv = None if direct.applies(model) else _new_cache(model)
         self.ids: list[int] = []
 
     def __len__(self) -> int:
@@ -33,7 +43,7 @@ class TokenCache:
             # feeds ids[len(self):] again, as for any prompt the cache does not contain.
             self.clear()
             return
-        if removed:
+        if removed and self.kv is not None:
             # transformers 5 takes the number of positions to remove, as a negative count.
             self.kv.crop(-removed)
             del self.ids[length:]
@@ -42,9 +52,22 @@ class TokenCache:
     def forward(self, input_ids: list[int], logits_to_keep: int, **options):
         """Run ``input_ids`` through the model on top of the cache; return the model output.
 
-        The output keeps the logits of the last ``logits_to_keep`` positions. ``options``
-        are extra keyword arguments of the model's forward pass.
+        The output keeps the logits (1, logits_to_keep, vocab) of the last positions.
+        ``options`` are extra keyword arguments of transformers' forward pass; a model that
+        runs the direct pass takes none.
         """
+        if self.kv is None:
+            # Options (such as hidden states for a drafter) need transformers' output.
+            self._direct = None if options else direct.direct_forward(self.model)
+            self.kv = self._direct.new_buffer() if self._direct is not None else _new_cache(self.model)
+        if self._direct is not None:
+            if options:
+                raise ValueError(f"the direct forward pass takes no options, got {sorted(options)}")
+            # A pass that fails midway leaves the length unchanged: the keys and values it
+            # wrote lie past the end and the next pass overwrites them.
+            logits = self._direct(input_ids, self.kv, logits_to_keep)
+            self.ids.extend(input_ids)
+            return SimpleNamespace(logits=logits[None])
         output = self.model(
             input_ids=torch.tensor([input_ids], dtype=torch.long),
             cache=self.kv,
@@ -76,7 +99,7 @@ class TokenCache:
         """Return how many positions every full sliding-window layer can still remove, or None without such layers."""
         limits = [
             layer.keys.shape[-2] - (layer.sliding_window - 1)
-            for layer in self.kv.layers
+            for layer in getattr(self.kv, "layers", ())
             if getattr(layer, "is_sliding", False)
             and layer.is_initialized
             and layer.get_seq_length() >= layer.sliding_window
@@ -84,7 +107,10 @@ class TokenCache:
         return min(limits) if limits else None
 
     def clear(self) -> None:
-        self.kv = _new_cache(self.model)
+        if self._direct is not None:
+            self.kv = self._direct.new_buffer()
+        elif self.kv is not None:
+            self.kv = _new_cache(self.model)
         self.ids = []
 
 
