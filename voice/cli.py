@@ -284,7 +284,7 @@ async def _say(config: Config, args: argparse.Namespace) -> int:
     from voice.tts.synthesizer import Synthesizer, speak
     from voice.tts.text import SpeechChunker
 
-    chunker = SpeechChunker(config.tts.first_chunk_min_words, config.tts.max_chunk_chars)
+    chunker = SpeechChunker.from_config(config.tts)
     if not chunker.push(args.text) + chunker.flush():
         raise ConfigError(f"Nothing to say: TEXT {args.text!r} has no speakable words. Pass the words to speak, for example: voice say \"Good morning\"")
     sink = _output_sink(args.output, "or write to a file with --output")
@@ -499,6 +499,7 @@ async def _bench_voice(config: Config, args: argparse.Namespace) -> int:
         "asr": config.asr.model,
         "voice": config.tts.voice,
         "first_chunk_min_words": config.tts.first_chunk_min_words,
+        "first_chunk_at_phrase": config.tts.first_chunk_at_phrase,
     }
     command = "voice bench voice" + (f" --limit {args.limit}" if args.limit else "")
     with tempfile.TemporaryDirectory() as replies:

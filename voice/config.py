@@ -130,6 +130,8 @@ class TtsConfig:
     """onnxruntime threads for piper; 0 uses every core. One leaves a core to the LLM."""
     first_chunk_min_words: int = field(default=3, metadata={"range": (1, 50)})
     """Words the first spoken chunk needs before it may end at a comma."""
+    first_chunk_at_phrase: bool = True
+    """Let the first chunk also end before a word that starts a phrase ("the", "to", "because" ...)."""
     max_chunk_chars: int = field(default=220, metadata={"range": (20, 2000)})
     """Maximum text handed to piper at once (characters)."""
 

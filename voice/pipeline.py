@@ -138,7 +138,7 @@ class Assistant:
         """Text chunks whose audio was written to the sink in full."""
 
         async def generate() -> None:
-            chunker = SpeechChunker(self.config.tts.first_chunk_min_words, self.config.tts.max_chunk_chars)
+            chunker = SpeechChunker.from_config(self.config.tts)
             try:
                 async for fragment in self.llm.answer(question, speculative):
                     if metrics.first_token_ms is None:

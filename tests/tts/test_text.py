@@ -303,6 +303,46 @@ def test_chunker_first_chunk_clause_break() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "I don't have the ability to know the current weather.",
+            ["I don't have", "the ability to know the current weather."],
+        ),
+        # Two words before "the" are too few; "by" comes after enough.
+        (
+            "Photosynthesis is the process by which plants make food. Done.",
+            ["Photosynthesis is the process", "by which plants make food.", "Done."],
+        ),
+        ("The capital of France is Paris.", ["The capital of France is Paris."]),
+        # A comma after enough words still ends the first chunk first.
+        ("Sure, I can help with that, gladly.", ["Sure, I can help", "with that, gladly."]),
+        ("Well, that depends, honestly.", ["Well, that depends,", "honestly."]),
+        # "then" starts no phrase, and "there" is not "the".
+        ("I went there then came back.", ["I went there then came back."]),
+    ],
+)
+def test_chunker_first_chunk_phrase_break(text: str, expected: list[str]) -> None:
+    assert chunk_stream(text, first_chunk_at_phrase=True) == expected
+    assert chunk_stream(text, fragment_size=1, first_chunk_at_phrase=True) == expected
+
+
+def test_chunker_phrase_break_only_first_chunk() -> None:
+    text = "Paris is lovely. It is the capital of France and the largest city."
+    assert chunk_stream(text, first_chunk_at_phrase=True) == ["Paris is lovely.", "It is the capital of France and the largest city."]
+    assert chunk_stream(text) == chunk_stream(text, first_chunk_at_phrase=True)
+
+
+@pytest.mark.parametrize("fragment_size", [1, 2, 5])
+@pytest.mark.parametrize("name", sorted(REPLIES))
+def test_chunker_phrase_break_fragment_independent(name: str, fragment_size: int) -> None:
+    text = REPLIES[name]
+    whole = chunk_stream(text, first_chunk_at_phrase=True)
+    assert chunk_stream(text, fragment_size, first_chunk_at_phrase=True) == whole
+    assert words(" ".join(whole)) == words(" ".join(chunk_stream(text)))
+
+
 def test_chunker_first_clause_needs_min_words() -> None:
     assert chunk_stream("Yes, sure, of course, I can help.") == ["Yes, sure, of course,", "I can help."]
     assert chunk_stream("Yes, sure.", first_chunk_min_words=3) == ["Yes, sure."]

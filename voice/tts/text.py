@@ -273,6 +273,14 @@ _ABBREVIATIONS = {
 }  # fmt: skip
 _DOTTED_ABBREVIATION = re.compile(r"(?:[A-Za-z]\.)+[A-Za-z]")  # "e.g", "i.e", "U.S" before the last dot
 _WHITESPACE = re.compile(r"\s*")
+# Words that start a phrase: the first chunk may end before one of them. Cutting there
+# keeps each chunk a whole phrase ("I don't have | the ability to know ..."), so piper's
+# intonation stays natural, and speech starts several tokens before the sentence ends.
+_PHRASE_STARTS = {
+    "the", "a", "an", "to", "of", "in", "on", "at", "for", "with", "from", "by", "about", "into",
+    "and", "but", "or", "so", "because", "that", "which", "who", "when", "where", "while", "if",
+    "than", "as", "until", "unless", "since", "before", "after",
+}  # fmt: skip
 _LONG_CUT_CLAUSE = re.compile(r"[,;:](?=\s)| -(?= )|[—–]")
 
 
@@ -310,20 +318,27 @@ class SpeechChunker:
     A chunk ends at a sentence end (. ! ? …) once the whitespace after it has arrived, or
     at a newline. A full stop after an abbreviation, an initial or a list number ("2.")
     does not end a chunk. The first chunk may also end at a clause boundary (, ; : - —) once it
-    has first_chunk_min_words words, so speech starts sooner. A chunk never exceeds
+    has first_chunk_min_words words, so speech starts sooner, and with first_chunk_at_phrase
+    before a word that starts a phrase ("the", "to", "because" ...). A chunk never exceeds
     max_chunk_chars characters. The limit applies to the raw text while scanning and
     again to the cleaned chunk, which symbol words can make longer.
     Chunks do not depend on how the text was split into fragments.
     """
 
-    def __init__(self, first_chunk_min_words: int = 3, max_chunk_chars: int = 220) -> None:
+    def __init__(self, first_chunk_min_words: int = 3, max_chunk_chars: int = 220, first_chunk_at_phrase: bool = False) -> None:
         if first_chunk_min_words < 1:
             raise ValueError(f"first_chunk_min_words must be at least 1, got {first_chunk_min_words}")
         if max_chunk_chars < 1:
             raise ValueError(f"max_chunk_chars must be at least 1, got {max_chunk_chars}")
         self.first_chunk_min_words = first_chunk_min_words
         self.max_chunk_chars = max_chunk_chars
+        self.first_chunk_at_phrase = first_chunk_at_phrase
         self._reset()
+
+    @classmethod
+    def from_config(cls, config) -> SpeechChunker:
+        """Build the chunker that the ``tts`` section of the configuration describes."""
+        return cls(config.first_chunk_min_words, config.max_chunk_chars, config.first_chunk_at_phrase)
 
     def _reset(self) -> None:
         self._fences = _CodeFenceFilter()
@@ -392,6 +407,10 @@ class SpeechChunker:
                 clause_end = self._clause_end(text, index, final)
                 if clause_end != 0:
                     return clause_end
+                if self.first_chunk_at_phrase:
+                    phrase_end = self._phrase_end(text, index, final)
+                    if phrase_end != 0:
+                        return phrase_end
             index += 1
 
         if len(text) > limit:
@@ -415,6 +434,25 @@ class SpeechChunker:
             return 0 if final else None
         # "1,000", "10:30" and "well-known" have no space after the mark, so they are no clause boundary.
         return end if text[end].isspace() else 0
+
+    def _phrase_end(self, text: str, index: int, final: bool) -> int | None:
+        """Return index when the first chunk may end at the space there, 0 when not, None to wait.
+
+        The cut needs first_chunk_min_words words before it and a whole word after it that
+        starts a phrase. A word is whole once whitespace follows it, or at the end of the reply.
+        """
+        if not text[index].isspace() or index == 0 or text[index - 1].isspace():
+            return 0
+        start = _WHITESPACE.match(text, index).end()
+        end = start
+        while end < len(text) and not text[end].isspace():
+            end += 1
+        if end == len(text) and not final:
+            return None
+        if text[start:end].lower() not in _PHRASE_STARTS:
+            return 0
+        words = _clean_markup(text[:index], starts_line=self._pending_starts_line).split()
+        return index if len(words) >= self.first_chunk_min_words else 0
 
     def _ends_sentence(self, text: str, index: int, end: int, final: bool) -> bool | None:
         """Return whether the punctuation run text[index:end] ends a sentence, or None to wait for the next word."""
