@@ -11,8 +11,8 @@ int4 1.5B target took 50 ms against 55 ms through transformers, with the same lo
 
 Where it applies: decoder-only models whose layers are Qwen2's or Llama's (RMSNorm,
 rotary positions, grouped-query attention, SwiGLU), with no sliding window and rotary
-frequencies that do not depend on the sequence length. ``unsupported_reason`` says why
-another model keeps transformers' forward pass.
+frequencies that do not depend on the sequence length. ``unsupported_reason`` returns
+the reason another model keeps transformers' forward pass.
 """
 
 from __future__ import annotations
@@ -151,7 +151,6 @@ class _Layer:
         self.post_norm = layer.post_attention_layernorm.weight
         self.post_eps = _epsilon(layer.post_attention_layernorm)
         self.qkv = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
-        self.qkv_sizes = [_out_features(m) for m in (attention.q_proj, attention.k_proj, attention.v_proj)]
         self.o_proj = attention.o_proj
         self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
         self.gate_size = _out_features(mlp.gate_proj)
@@ -199,7 +198,11 @@ class DirectForward:
             frequencies = positions[:, None] * self.inv_freq[None, :]
             angles = torch.cat((frequencies, frequencies), dim=-1)
             self._cos = (angles.cos() * self.rotary_scaling).to(self.dtype)
-            self._sin = (angles.sin() * self.rotary_scaling).to(self.dtype)
+            sin = (angles.sin() * self.rotary_scaling).to(self.dtype)
+            # The first half negated: x * cos + roll(x) * sin then equals transformers'
+            # x * cos + cat(-x2, x1) * sin exactly, in one op fewer.
+            half = self.head_dim // 2
+            self._sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
         return self._cos, self._sin
 
     @torch.inference_mode()
@@ -219,14 +222,20 @@ class DirectForward:
 
         hidden = self.embed(torch.tensor(input_ids, dtype=torch.long))
         q_size = self.heads * self.head_dim
+        qk_size = q_size + self.kv_heads * self.head_dim
+        half = self.head_dim // 2
         for index, layer in enumerate(self.layers):
             x = _rms_norm(hidden, layer.input_norm, layer.input_eps)
             if isinstance(layer.qkv, list):
                 q, k, v = (projection(x) for projection in layer.qkv)
+                qk = torch.cat((q, k), dim=-1)
             else:
-                q, k, v = layer.qkv(x).split(layer.qkv_sizes, dim=-1)
-            q = _rotate(q.view(count, self.heads, self.head_dim).transpose(0, 1), cos, sin)
-            k = _rotate(k.view(count, self.kv_heads, self.head_dim).transpose(0, 1), cos, sin)
+                qkv = layer.qkv(x)
+                qk, v = qkv[:, :qk_size], qkv[:, qk_size:]
+            # Queries and keys rotate together: (heads + kv_heads, count, head_dim).
+            qk = qk.view(count, -1, self.head_dim).transpose(0, 1)
+            qk = qk * cos + qk.roll(half, dims=-1) * sin
+            q, k = qk[: self.heads], qk[self.heads :]
 
             keys, values = kv.keys[index], kv.values[index]
             keys[:, start:end] = k
@@ -251,15 +260,7 @@ class DirectForward:
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # As transformers' Qwen2 and Llama norms: normalize in float32, round, then scale.
-    x32 = x.float()
-    normalized = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normalized.to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def _epsilon(norm: torch.nn.Module) -> float:
