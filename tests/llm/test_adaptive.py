@@ -62,12 +62,32 @@ def test_fixed_length_without_adaptation():
 
 
 def test_probes_back_off_while_drafting_does_not_pay():
-    controller = controller_with([(2, 0)] * 20, single=0.3, full=1.0, draft=0.15)
+    # Nothing is accepted, but cheap drafts would pay at a high acceptance: probes run.
+    controller = controller_with([(2, 0)] * 20, single=0.3, full=0.4, draft=0.05)
     choices = [controller.choose(remaining=1000) for _ in range(60)]
     probes = [index for index, k in enumerate(choices) if k]
     assert all(choices[index] == 1 for index in probes)
     # Probes after 4, then 8, 16 and 32 skipped steps.
     assert probes == [3, 3 + 8, 3 + 8 + 16, 3 + 8 + 16 + 32]
+
+
+def test_no_probe_when_draft_cost_alone_loses():
+    # A target pass costs 50 ms for 1 token and 100 ms for 5, a draft token 30 ms: even
+    # at 80% acceptance no draft length beats plain decoding, so no probe runs.
+    controller = controller_with([(2, 0)] * 20, single=0.05, full=0.1, draft=0.03)
+    assert not any(controller.choose(remaining=1000) for _ in range(200))
+
+
+def test_no_probe_when_catch_up_too_costly():
+    # Drafting would pay at a high acceptance, but the probe would first feed 40 unseen
+    # tokens (0.2 s) into the draft for an answer expected to be 8 tokens long.
+    controller = controller_with([(2, 0)] * 20, single=0.075, full=0.1, draft=0.02)
+    for _ in range(3):
+        controller.record_answer(8)
+    controller.record_catch_up(40, 0.2)
+    assert not any(controller.choose(remaining=40, unseen=40, generated=2) for _ in range(100))
+    # With nothing to catch up on, the probes run.
+    assert any(controller.choose(remaining=40) for _ in range(10))
 
 
 def test_acceptance_rises_again_after_good_probes():

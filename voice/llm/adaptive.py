@@ -29,6 +29,9 @@ _PRIOR_ACCEPTED = 1.2
 _PRIOR_REJECTED = 0.8
 _FIRST_PROBE_INTERVAL = 4
 _MAX_PROBE_INTERVAL = 64
+# Acceptance a probe hopes to find. A probe that would first have to pay a catch-up pass
+# runs only if drafting at this acceptance would repay that pass over the rest of the answer.
+_HOPED_ACCEPTANCE = 0.8
 
 
 @dataclass
@@ -47,7 +50,8 @@ class DraftLengthController:
     Costs come from ``calibrate`` and from the decoder's timings of every pass.
     While drafting does not pay, a single-token probe runs after 4, then 8, 16, up to 64
     skipped steps, so a rise in acceptance (a new prompt, a quoted phrase) is noticed at
-    little cost.
+    little cost. No probe runs where drafting would lose even at 80% acceptance, or where
+    the draft's catch-up pass would cost more than that acceptance could save.
     """
 
     def __init__(self, max_tokens: int, adaptive: bool = True) -> None:
@@ -103,11 +107,17 @@ class DraftLengthController:
             self.probe_interval = _FIRST_PROBE_INTERVAL
             return best_k
         self.skipped += 1
-        if self.skipped >= self.probe_interval:
-            self.skipped = 0
-            self.probe_interval = min(2 * self.probe_interval, _MAX_PROBE_INTERVAL)
-            return 1
-        return 0
+        if self.skipped < self.probe_interval:
+            return 0
+        hoped_rate = max(self.expected_tokens(k, _HOPED_ACCEPTANCE) / self.step_seconds(k) for k in range(1, limit + 1))
+        # Where the draft cost alone makes drafting lose (a fast quantized target), a probe
+        # would only buy the catch-up pass over a whole new question. A skipped probe is
+        # tried again at the next step, since the catch-up may pay once an answer runs long.
+        if hoped_rate <= plain_rate or not self._catch_up_pays(unseen, generated, remaining, plain_rate, hoped_rate):
+            return 0
+        self.skipped = 0
+        self.probe_interval = min(2 * self.probe_interval, _MAX_PROBE_INTERVAL)
+        return 1
 
     def _catch_up_pays(self, unseen: int, generated: int, remaining: int, plain_rate: float, best_rate: float) -> bool:
         """Return True when drafting for the rest of the answer saves more than the catch-up costs."""
@@ -128,8 +138,9 @@ class DraftLengthController:
         if tokens > 0:
             self.answer_tokens.add(tokens, decay=0.7)
 
-    def expected_tokens(self, k: int) -> float:
-        a = min(self.acceptance, 1 - 1e-9)
+    def expected_tokens(self, k: int, acceptance: float | None = None) -> float:
+        """Return the tokens a step with ``k`` drafts yields on average, at the estimated or given acceptance."""
+        a = min(self.acceptance if acceptance is None else acceptance, 1 - 1e-9)
         return (1 - a ** (k + 1)) / (1 - a)
 
     def step_seconds(self, k: int) -> float:
