@@ -284,7 +284,7 @@ async def _say(config: Config, args: argparse.Namespace) -> int:
     from voice.tts.synthesizer import Synthesizer, speak
     from voice.tts.text import SpeechChunker
 
-    chunker = SpeechChunker.from_config(config.tts)
+    chunker = SpeechChunker.from_config(config.tts, streamed=False)
     if not chunker.push(args.text) + chunker.flush():
         raise ConfigError(f"Nothing to say: TEXT {args.text!r} has no speakable words. Pass the words to speak, for example: voice say \"Good morning\"")
     sink = _output_sink(args.output, "or write to a file with --output")

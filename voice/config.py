@@ -129,9 +129,9 @@ class TtsConfig:
     threads: int = field(default=1, metadata={"range": (0, 64)})
     """onnxruntime threads for piper; 0 uses every core. One leaves a core to the LLM."""
     first_chunk_min_words: int = field(default=3, metadata={"range": (1, 50)})
-    """Words the first spoken chunk needs before it may end at a comma."""
+    """Words the first spoken chunk needs before it may end at a comma or a phrase boundary."""
     first_chunk_at_phrase: bool = True
-    """Let the first chunk also end before a word that starts a phrase ("the", "to", "because" ...)."""
+    """Let the first chunk of a streamed answer also end before a word that starts a phrase ("the", "to" ...)."""
     max_chunk_chars: int = field(default=220, metadata={"range": (20, 2000)})
     """Maximum text handed to piper at once (characters)."""
 

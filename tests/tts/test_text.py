@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from voice.config import TtsConfig
 from voice.tts.text import SpeechChunker, clean_for_speech
 
 # ---------------------------------------------------------------------------
@@ -321,11 +322,29 @@ def test_chunker_first_chunk_clause_break() -> None:
         ("Well, that depends, honestly.", ["Well, that depends,", "honestly."]),
         # "then" starts no phrase, and "there" is not "the".
         ("I went there then came back.", ["I went there then came back."]),
+        # Not after another phrase word, inside a number range or inside a quotation.
+        ("Light travels at about 300,000 kilometers per second.", ["Light travels at about 300,000 kilometers per second."]),
+        ("It was about 3 to 4 hours.", ["It was about 3 to 4 hours."]),
+        ('He said "to be or not to be" and then left.', ['He said "to be or not to be"', "and then left."]),
+        # The next chunk never starts with a lone phrase word.
+        ("Who are you talking to", ["Who are you talking to"]),
+        ("I went home and\nthe dog barked.", ["I went home and.", "the dog barked."]),
     ],
 )
 def test_chunker_first_chunk_phrase_break(text: str, expected: list[str]) -> None:
     assert chunk_stream(text, first_chunk_at_phrase=True) == expected
     assert chunk_stream(text, fragment_size=1, first_chunk_at_phrase=True) == expected
+
+
+def test_chunker_phrase_break_from_config() -> None:
+    text = "I don't have the ability to know the current weather."
+    config = TtsConfig()
+    assert config.first_chunk_at_phrase
+    streamed = SpeechChunker.from_config(config)
+    assert streamed.push(text) + streamed.flush() == ["I don't have", "the ability to know the current weather."]
+    # Text known whole in advance (voice say) gains nothing from the cut.
+    whole = SpeechChunker.from_config(config, streamed=False)
+    assert whole.push(text) + whole.flush() == [text]
 
 
 def test_chunker_phrase_break_only_first_chunk() -> None:

@@ -59,7 +59,7 @@ async def speak(synthesizer: Synthesizer, config: TtsConfig, text: str, sink) ->
     piper's memory stays bounded and the audio is written as each chunk is ready. A
     failure closes the sink with ``ok=False``, which discards a partial file.
     """
-    chunker = SpeechChunker.from_config(config)
+    chunker = SpeechChunker.from_config(config, streamed=False)
     chunks = chunker.push(text) + chunker.flush()
     seconds = 0.0
     await sink.open(synthesizer.sample_rate)
