@@ -17,6 +17,33 @@ from voice.tts.text import SpeechChunker
 
 logger = logging.getLogger(__name__)
 
+# Piper ends every utterance with about 150 to 210 ms of silence and starts it with about
+# 50 ms. Between two chunks of one sentence (a phrase cut, or a long sentence split at a
+# space) that makes a pause no speaker would make, so those edges are cut down to these
+# margins of quiet audio.
+JOIN_TRAILING_S = 0.04
+JOIN_LEADING_S = 0.02
+# Samples below this fraction of full scale count as silence when edges are cut.
+SILENCE_LEVEL = 0.01
+# A chunk that ends with one of these ends a sentence or clause, where a pause belongs.
+_PAUSE_MARKS = ".!?…,;:—–-\"')”’]"
+
+
+def ends_mid_sentence(chunk: str) -> bool:
+    """Return True when ``chunk`` stops inside a sentence, so the next chunk goes on without a pause."""
+    stripped = chunk.rstrip()
+    return bool(stripped) and stripped[-1] not in _PAUSE_MARKS
+
+
+def trim_silence(samples: np.ndarray, sample_rate: int, leading: bool, trailing: bool) -> np.ndarray:
+    """Cut the silence at the start (``leading``) and at the end (``trailing``) down to the join margins."""
+    loud = np.flatnonzero(np.abs(samples) > SILENCE_LEVEL)
+    if loud.size == 0:
+        return samples
+    start = max(0, int(loud[0]) - int(JOIN_LEADING_S * sample_rate)) if leading else 0
+    end = min(len(samples), int(loud[-1]) + 1 + int(JOIN_TRAILING_S * sample_rate)) if trailing else len(samples)
+    return samples[start:end]
+
 
 class Synthesizer:
     """One piper voice, loaded once; ``synthesize`` is blocking, so call it from a worker thread."""
@@ -51,6 +78,20 @@ class Synthesizer:
         """Return every audio chunk of ``text``, so one worker-thread call does the whole chunk."""
         return list(self.synthesize(text))
 
+    def synthesize_joined(self, text: str, continues: bool, open_end: bool) -> list[np.ndarray]:
+        """Return the audio of ``text`` as ``synthesize_all`` does, with silent edges cut where a sentence goes on.
+
+        ``continues``: ``text`` goes on from a chunk that stopped inside a sentence, so
+        its leading silence is cut. ``open_end``: ``text`` stops inside a sentence, so its
+        trailing silence is cut.
+        """
+        pieces = self.synthesize_all(text)
+        if pieces and continues:
+            pieces[0] = trim_silence(pieces[0], self.sample_rate, leading=True, trailing=False)
+        if pieces and open_end:
+            pieces[-1] = trim_silence(pieces[-1], self.sample_rate, leading=False, trailing=True)
+        return pieces
+
 
 async def speak(synthesizer: Synthesizer, config: TtsConfig, text: str, sink) -> float:
     """Speak ``text`` as it is into ``sink`` (an AudioSink), chunk by chunk; return the seconds of audio.
@@ -64,11 +105,14 @@ async def speak(synthesizer: Synthesizer, config: TtsConfig, text: str, sink) ->
     seconds = 0.0
     await sink.open(synthesizer.sample_rate)
     ok = False
+    continues = False
     try:
         for chunk in chunks:
-            for samples in await asyncio.to_thread(synthesizer.synthesize_all, chunk):
+            open_end = ends_mid_sentence(chunk)
+            for samples in await asyncio.to_thread(synthesizer.synthesize_joined, chunk, continues, open_end):
                 await sink.write(samples)
                 seconds += len(samples) / synthesizer.sample_rate
+            continues = open_end
         ok = True
     finally:
         await sink.close(ok)

@@ -275,7 +275,8 @@ _DOTTED_ABBREVIATION = re.compile(r"(?:[A-Za-z]\.)+[A-Za-z]")  # "e.g", "i.e", "
 _WHITESPACE = re.compile(r"\s*")
 # Words that start a phrase: the first chunk may end before one of them. Cutting there
 # keeps each chunk a whole phrase ("I don't have | the ability to know ..."), and speech
-# starts several tokens before the sentence ends. Piper's silences add about 0.2 s at the cut.
+# starts several tokens before the sentence ends. The pipeline trims piper's silences at the
+# cut to about 60 ms.
 _PHRASE_STARTS = {
     "the", "a", "an", "to", "of", "in", "on", "at", "for", "with", "from", "by", "about", "into",
     "and", "but", "or", "so", "because", "that", "which", "who", "when", "where", "while", "if",
