@@ -25,7 +25,7 @@ from voice.audio.sinks import AudioSink
 from voice.config import Config, LlmConfig
 from voice.llm.stage import LanguageModelStage
 from voice.metrics import TurnMetrics
-from voice.tts.synthesizer import Synthesizer, ends_mid_sentence, speak
+from voice.tts.synthesizer import Synthesizer, speak
 from voice.tts.text import SpeechChunker
 
 logger = logging.getLogger(__name__)
@@ -157,12 +157,11 @@ class Assistant:
                     await chunks.put(None)
 
         async def synthesize() -> None:
-            continues = False
+            previous = None
             try:
                 while (chunk := await chunks.get()) is not None:
-                    open_end = ends_mid_sentence(chunk)
-                    pieces = await asyncio.to_thread(self.synthesizer.synthesize_joined, chunk, continues, open_end)
-                    continues = open_end
+                    pieces = await asyncio.to_thread(self.synthesizer.synthesize_joined, chunk, previous)
+                    previous = chunk
                     for number, samples in enumerate(pieces):
                         await audio.put((samples, chunk, number == len(pieces) - 1))
             finally:

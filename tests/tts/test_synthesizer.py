@@ -7,7 +7,8 @@ import pytest
 
 from voice import models
 from voice.config import TtsConfig
-from voice.tts.synthesizer import JOIN_LEADING_S, JOIN_TRAILING_S, SILENCE_LEVEL, Synthesizer, ends_mid_sentence, trim_silence
+from voice.tts.synthesizer import JOIN_LEADING_S, JOIN_TRAILING_S, SILENCE_LEVEL, Synthesizer, trim_silence
+from voice.tts.text import ends_mid_sentence
 
 RATE = 16_000
 
@@ -54,8 +55,12 @@ def test_phrase_join_with_piper_has_short_pause():
     rate = synthesizer.sample_rate
 
     def join_pause_s(cut_edges: bool) -> float:
-        head = synthesizer.synthesize_joined(first, continues=False, open_end=cut_edges)
-        tail = synthesizer.synthesize_joined(second, continues=cut_edges, open_end=False)
+        if cut_edges:
+            head = synthesizer.synthesize_joined(first, previous=None)
+            tail = synthesizer.synthesize_joined(second, previous=first)
+        else:
+            head = synthesizer.synthesize_all(first)
+            tail = synthesizer.synthesize_all(second)
         return quiet_run_s(head[-1], rate, at_start=False) + quiet_run_s(tail[0], rate, at_start=True)
 
     # Piper's own silences at the join last longer than a pause inside a phrase.

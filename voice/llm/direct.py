@@ -108,10 +108,9 @@ class KeyValueBuffer:
     """
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-        self.shape = (kv_heads, 0, head_dim)
         self.dtype = dtype
-        self.keys = [torch.empty(self.shape, dtype=dtype) for _ in range(layers)]
-        self.values = [torch.empty(self.shape, dtype=dtype) for _ in range(layers)]
+        self.keys = [torch.empty((kv_heads, 0, head_dim), dtype=dtype) for _ in range(layers)]
+        self.values = [torch.empty((kv_heads, 0, head_dim), dtype=dtype) for _ in range(layers)]
         self.length = 0
 
     @property
@@ -133,10 +132,9 @@ class KeyValueBuffer:
         if length <= self.capacity:
             return
         capacity = -(-length // GROWTH) * GROWTH
-        kv_heads, _, head_dim = self.shape
         for buffers in (self.keys, self.values):
             for index, old in enumerate(buffers):
-                new = torch.empty((kv_heads, capacity, head_dim), dtype=self.dtype)
+                new = torch.empty((old.shape[0], capacity, old.shape[2]), dtype=self.dtype)
                 new[:, : self.length] = old[:, : self.length]
                 buffers[index] = new
 
@@ -153,7 +151,7 @@ class _Layer:
         self.qkv = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
         self.o_proj = attention.o_proj
         self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
-        self.gate_size = _out_features(mlp.gate_proj)
+        self.gate_size = mlp.gate_proj.out_features
         self.down_proj = mlp.down_proj
 
 
@@ -267,10 +265,6 @@ def _epsilon(norm: torch.nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
-def _out_features(module: torch.nn.Module) -> int:
-    return int(module.out_features)
-
-
 def _fuse(modules: list[torch.nn.Module]) -> torch.nn.Module | list[torch.nn.Module]:
     """Concatenate layers that read the same input into one along their outputs, where the kernel allows.
 
@@ -290,16 +284,11 @@ def _fuse(modules: list[torch.nn.Module]) -> torch.nn.Module | list[torch.nn.Mod
     buffers = {}
     for name in names:
         parts = [m._buffers.get(name) for m in modules]
-        if any(part is None for part in parts):
-            if not all(part is None for part in parts):
-                # Some layers have a bias and others not: give the others zeros.
-                parts = [
-                    part if part is not None else torch.zeros(m.out_features, dtype=torch.float32)
-                    for part, m in zip(parts, modules)
-                ]
-            else:
-                buffers[name] = None
-                continue
+        if all(part is None for part in parts):
+            buffers[name] = None
+            continue
+        # Some layers have a bias and others not: give the others zeros.
+        parts = [part if part is not None else torch.zeros(m.out_features, dtype=torch.float32) for part, m in zip(parts, modules)]
         buffers[name] = torch.cat(parts, dim=0).contiguous()
     for name, fused in buffers.items():
         if fused is None:

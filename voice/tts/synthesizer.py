@@ -13,7 +13,7 @@ import numpy as np
 
 from voice.config import TtsConfig
 from voice.errors import ModelError
-from voice.tts.text import SpeechChunker
+from voice.tts.text import SpeechChunker, ends_mid_sentence
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +25,6 @@ JOIN_TRAILING_S = 0.04
 JOIN_LEADING_S = 0.02
 # Samples below this fraction of full scale count as silence when edges are cut.
 SILENCE_LEVEL = 0.01
-# A chunk that ends with one of these ends a sentence or clause, where a pause belongs.
-_PAUSE_MARKS = ".!?…,;:—–-\"')”’]"
-
-
-def ends_mid_sentence(chunk: str) -> bool:
-    """Return True when ``chunk`` stops inside a sentence, so the next chunk goes on without a pause."""
-    stripped = chunk.rstrip()
-    return bool(stripped) and stripped[-1] not in _PAUSE_MARKS
 
 
 def trim_silence(samples: np.ndarray, sample_rate: int, leading: bool, trailing: bool) -> np.ndarray:
@@ -78,17 +70,17 @@ class Synthesizer:
         """Return every audio chunk of ``text``, so one worker-thread call does the whole chunk."""
         return list(self.synthesize(text))
 
-    def synthesize_joined(self, text: str, continues: bool, open_end: bool) -> list[np.ndarray]:
+    def synthesize_joined(self, text: str, previous: str | None) -> list[np.ndarray]:
         """Return the audio of ``text`` as ``synthesize_all`` does, with silent edges cut where a sentence goes on.
 
-        ``continues``: ``text`` goes on from a chunk that stopped inside a sentence, so
-        its leading silence is cut. ``open_end``: ``text`` stops inside a sentence, so its
-        trailing silence is cut.
+        ``previous`` is the chunk spoken just before ``text`` (None for the first). When it
+        stopped inside a sentence, the leading silence of ``text`` is cut. When ``text``
+        stops inside a sentence, its trailing silence is cut.
         """
         pieces = self.synthesize_all(text)
-        if pieces and continues:
+        if pieces and previous is not None and ends_mid_sentence(previous):
             pieces[0] = trim_silence(pieces[0], self.sample_rate, leading=True, trailing=False)
-        if pieces and open_end:
+        if pieces and ends_mid_sentence(text):
             pieces[-1] = trim_silence(pieces[-1], self.sample_rate, leading=False, trailing=True)
         return pieces
 
@@ -105,14 +97,11 @@ async def speak(synthesizer: Synthesizer, config: TtsConfig, text: str, sink) ->
     seconds = 0.0
     await sink.open(synthesizer.sample_rate)
     ok = False
-    continues = False
     try:
-        for chunk in chunks:
-            open_end = ends_mid_sentence(chunk)
-            for samples in await asyncio.to_thread(synthesizer.synthesize_joined, chunk, continues, open_end):
+        for previous, chunk in zip([None, *chunks], chunks):
+            for samples in await asyncio.to_thread(synthesizer.synthesize_joined, chunk, previous):
                 await sink.write(samples)
                 seconds += len(samples) / synthesizer.sample_rate
-            continues = open_end
         ok = True
     finally:
         await sink.close(ok)

@@ -273,6 +273,8 @@ _ABBREVIATIONS = {
 }  # fmt: skip
 _DOTTED_ABBREVIATION = re.compile(r"(?:[A-Za-z]\.)+[A-Za-z]")  # "e.g", "i.e", "U.S" before the last dot
 _WHITESPACE = re.compile(r"\s*")
+# A chunk that ends with one of these ends a sentence or clause, where a pause belongs.
+_PAUSE_MARKS = _SENTENCE_RUN + _CLAUSE_END + "—–-"
 # Words that start a phrase: the first chunk may end before one of them. Cutting there
 # keeps each chunk a whole phrase ("I don't have | the ability to know ..."), and speech
 # starts several tokens before the sentence ends. The pipeline trims piper's silences at the
@@ -283,6 +285,12 @@ _PHRASE_STARTS = {
     "than", "as", "until", "unless", "since", "before", "after",
 }  # fmt: skip
 _LONG_CUT_CLAUSE = re.compile(r"[,;:](?=\s)| -(?= )|[—–]")
+
+
+def ends_mid_sentence(chunk: str) -> bool:
+    """Return True when ``chunk`` stops inside a sentence, so the next chunk goes on without a pause."""
+    stripped = chunk.rstrip()
+    return bool(stripped) and stripped[-1] not in _PAUSE_MARKS
 
 
 def _long_cut(text: str, limit: int) -> int:
