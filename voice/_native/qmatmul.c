@@ -11,9 +11,9 @@
  * The loops run over output rows outside and activation rows inside, so each block of
  * weights is read from memory once for all the rows of a verification pass.
  *
- * Every output value is computed by the same sequence of operations whatever the number
- * of rows, the row blocking and the thread count, so a token's logits are bit-identical
- * in a one-token step and in a verification pass (for a given instruction set).
+ * Every output value is computed by the same sequence of operations, whatever the
+ * number of rows, the row blocking and the thread count. A token's logits are therefore
+ * bit-identical in a one-token step and in a verification pass (for a given instruction set).
  *
  * Layouts (K = in_features, a multiple of 128; N = out_features, a multiple of 4):
  * - int4: codes (N, K/2) uint8. Each block of 128 inputs takes 64 bytes: byte 2i holds
@@ -425,10 +425,10 @@ AVX512_SHAPES(INT4)
 AVX512_SHAPES(INT8)
 
 /*
- * One activation row (decoding) goes one output row at a time: on 2 Zen 4 cores a
+ * One activation row (decoding) goes one output row at a time. On 2 Zen 4 cores a
  * decoding step of the int4 1.5B target took 57 ms that way and 65 to 70 ms with 4
- * output rows at a time. More rows go with 2 output rows and up to 8 activation rows:
- * the weights are widened once for 8 rows, and the accumulators still fit in the 32
+ * output rows at a time. More rows go with 2 output rows and up to 8 activation rows,
+ * so the weights are widened once for 8 rows and the accumulators still fit in the 32
  * vector registers. The block's weights stay in cache while every activation row
  * passes over them.
  */
