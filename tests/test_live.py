@@ -14,6 +14,7 @@ from voice.audio.sources import ReplaySource
 from voice.audio.wav import load_speech
 from voice.config import ListenConfig
 from voice.live import LiveLoop, _EchoGate, wake_phrase_filter
+from voice.pipeline import TurnEvents
 
 
 class RoomSpeaker(PacedSink):
@@ -100,10 +101,53 @@ def test_two_questions_answered_and_noise_ignored(assistant):
     assert "paris" in answered[0].result.answer.lower()
     assert "time" in answered[1].result.transcript.text.lower()
     metrics = answered[0].result.metrics
-    assert 0 < metrics.endpoint_ms < metrics.asr_ms < metrics.first_token_ms < metrics.first_audio_ms
+    # Both turns started at a pause; speech recognition may finish before the endpoint,
+    # but no audio plays before it.
+    assert loop.early_starts >= 2
+    assert 0 < metrics.asr_ms < metrics.first_token_ms < metrics.first_audio_ms
+    assert 0 < metrics.endpoint_ms <= metrics.first_audio_ms
     # The clicks and coughs gave no answer (they may give no turn at all, or a turn
     # that speech recognition rejects).
     assert all(turn.result.transcript.has_speech for turn in answered)
+
+
+@pytest.mark.slow
+def test_speech_after_a_pause_drops_the_early_start(assistant):
+    assistant.llm.new_conversation()
+    heard: list[str] = []
+
+    class Transcripts(TurnEvents):
+        def on_transcript(self, transcript) -> None:
+            heard.append(transcript.text)
+
+    # About 1 s of silence between the two questions: a pause, not the end of the turn.
+    source = ReplaySource(
+        [(0.5, FIXTURES / "en_piper_romeo_juliet_author.wav"), (0.2, FIXTURES / "en_piper_followup_when_born.wav"), (10.0, None)]
+    )
+    speakers: list[RoomSpeaker] = []
+
+    def make_speaker() -> RoomSpeaker:
+        speakers.append(RoomSpeaker())
+        return speakers[-1]
+
+    loop = LiveLoop(assistant, listen_config(silence_ms=1500, early_start_ms=300), source, make_speaker, Transcripts())
+    turns = asyncio.run(loop.run())
+    assert len(turns) == 1
+    assert loop.early_starts == 2
+    assert loop.dropped_starts == 1
+    # The first early start heard only the first question; it played nothing and left
+    # neither a transcript on screen nor an exchange in the history.
+    assert sum(len(speaker.pieces) > 0 for speaker in speakers) == 1
+    assert len(heard) == 1
+    transcript = turns[0].result.transcript.text.lower()
+    assert "romeo" in transcript
+    assert "born" in transcript
+    history = assistant.llm.conversation.history
+    assert len(history) == 1
+    assert history[0].user == turns[0].result.transcript.text
+    metrics = turns[0].result.metrics
+    assert metrics.endpoint_ms >= 1500 - 60
+    assert metrics.first_audio_ms >= metrics.endpoint_ms
 
 
 @pytest.mark.slow

@@ -500,6 +500,8 @@ async def _bench_voice(config: Config, args: argparse.Namespace) -> int:
         "voice": config.tts.voice,
         "first_chunk_min_words": config.tts.first_chunk_min_words,
         "first_chunk_at_phrase": config.tts.first_chunk_at_phrase,
+        "silence_ms": config.listen.silence_ms,
+        "early_start_ms": config.listen.early_start_ms,
     }
     command = "voice bench voice" + (f" --limit {args.limit}" if args.limit else "")
     with tempfile.TemporaryDirectory() as replies:

@@ -146,6 +146,8 @@ class ListenConfig:
     """Speaker by name or index; empty is the default."""
     silence_ms: int = field(default=600, metadata={"range": (100, 5000)})
     """Silence after speech that ends a turn."""
+    early_start_ms: int = field(default=200, metadata={"range": (0, 5000)})
+    """Silence after which the reply is prepared while the turn's end is awaited; 0 waits."""
     vad_aggressiveness: int = field(default=2, metadata={"range": (0, 3)})
     """webrtcvad mode for endpointing: 0 takes the most audio as speech, 3 the least."""
     max_turn_s: float = field(default=15.0, metadata={"range": (1.0, 120.0)})
@@ -304,6 +306,11 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(f"{path}: llm.system_prompt must not be empty")
     _check_llm(config.llm, path)
     _check_mqtt(config.mqtt, path)
+    if config.listen.early_start_ms >= config.listen.silence_ms:
+        raise ConfigError(
+            f"{path}: listen.early_start_ms ({config.listen.early_start_ms}) must be below listen.silence_ms "
+            f"({config.listen.silence_ms}), which ends the turn anyway; lower it, or use 0 to wait for the end of the turn"
+        )
     _check_model_paths(config, path)
     _check_language(config, path)
     if config.cache_dir and Path(config.cache_dir).expanduser().exists() and not Path(config.cache_dir).expanduser().is_dir():

@@ -3,6 +3,12 @@
     AudioSource ──blocks──▶ Endpointer ──utterance──▶ Assistant.respond_to_audio ──▶ PacedSink
          └──────────── while a reply plays: echo gate ──barge-in──▶ cancel the turn
 
+The turn starts early, at a pause of ``listen.early_start_ms``: speech recognition, the
+language model and piper run while the endpointer waits for ``listen.silence_ms`` to end
+the turn, and the audio is held back until then. If the user goes on speaking, the early
+turn is cancelled unheard and leaves the conversation as it was; the next pause starts
+again with the longer recording.
+
 The loop keeps reading the microphone while a reply plays. The microphone then also
 hears the reply itself, so speech over a reply interrupts only when it is louder, relative
 to what is playing, than the echo measured while the reply played alone
@@ -24,12 +30,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from voice.audio.endpoint import Endpointer, SpeechStarted, Utterance
+from voice.audio.endpoint import Endpointer, Pause, SpeechResumed, SpeechStarted, Utterance
 from voice.audio.sinks import PacedSink
 from voice.audio.sources import AudioSource
 from voice.audio.vad import SAMPLE_RATE
 from voice.config import ListenConfig
-from voice.pipeline import Assistant, TurnEvents, TurnResult
+from voice.pipeline import Assistant, Hold, TurnEvents, TurnResult
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +104,34 @@ class _EchoGate:
         return microphone_rms > self.margin * self.coupling * playback_rms
 
 
+class _HeldEvents(TurnEvents):
+    """Passes an early turn's events on only once its end is confirmed; a dropped turn shows nothing."""
+
+    def __init__(self, events: TurnEvents) -> None:
+        self.events = events
+        self.backlog: list[tuple[str, tuple]] | None = []
+
+    def release(self) -> None:
+        backlog, self.backlog = self.backlog or [], None
+        for name, args in backlog:
+            getattr(self.events, name)(*args)
+
+    def _call(self, name: str, *args) -> None:
+        if self.backlog is None:
+            getattr(self.events, name)(*args)
+        else:
+            self.backlog.append((name, args))
+
+    def on_transcript(self, transcript) -> None:
+        self._call("on_transcript", transcript)
+
+    def on_text(self, fragment: str) -> None:
+        self._call("on_text", fragment)
+
+    def on_answer_end(self) -> None:
+        self._call("on_answer_end")
+
+
 class LiveLoop:
     """Live turns from ``source``, until it ends or ``max_turns`` turns are done."""
 
@@ -120,21 +154,31 @@ class LiveLoop:
             max_turn_s=config.max_turn_s,
             preroll_ms=config.preroll_ms,
             min_speech_ms=config.min_speech_ms,
+            pause_ms=config.early_start_ms,
         )
         self.accept = wake_phrase_filter(config.wake_phrase) if config.wake_phrase else None
         self.gate = _EchoGate(config.barge_in_margin)
         self.turns: list[LiveTurn] = []
         self._task: asyncio.Task | None = None
+        self._hold: Hold | None = None
+        """Set while ``_task`` started at a pause and waits for the end of the turn."""
+        self._held_events: _HeldEvents | None = None
+        self._dropped: asyncio.Task | None = None
+        """The last early turn that was cancelled; the next turn waits until it has stopped."""
+        self.early_starts = 0
+        self.dropped_starts = 0
         self._sink: PacedSink | None = None
         self._interrupted_at: float | None = None
         self._started_over_reply = False
         self._fed_s = 0.0
         self._history_length = 0
+        self._speech_end = 0.0
         self._loud_blocks = 0
 
     @property
     def replying(self) -> bool:
-        return self._task is not None and not self._task.done()
+        """True while a turn whose end was confirmed is still running (and may be playing)."""
+        return self._task is not None and self._hold is None and not self._task.done()
 
     def _playing(self, now: float) -> float | None:
         """Return the loudest level of the reply in the last 300 ms, or None when nothing played then.
@@ -154,6 +198,10 @@ class LiveLoop:
             for event in self.endpointer.feed(block):
                 if isinstance(event, SpeechStarted):
                     self._started_over_reply = self.replying
+                elif isinstance(event, Pause):
+                    self._on_pause(event, now)
+                elif isinstance(event, SpeechResumed):
+                    self._drop_early_turn()
                 elif isinstance(event, Utterance):
                     self._on_utterance(event, now)
             self._collect()
@@ -163,9 +211,13 @@ class LiveLoop:
             final = self.endpointer.flush()
             if final is not None:
                 self._on_utterance(final, time.perf_counter())
+        # Left at max_turns during a pause: that turn was never finished.
+        self._drop_early_turn()
         if self._task is not None:
             await asyncio.wait([self._task])
             self._collect()
+        if self._dropped is not None:
+            await asyncio.wait([self._dropped])
         return self.turns
 
     def _check_echo(self, block: np.ndarray, now: float) -> None:
@@ -181,20 +233,51 @@ class LiveLoop:
         # Two blocks in a row (40 ms), so one misaligned echo peak does not interrupt.
         self._loud_blocks = self._loud_blocks + 1 if user else 0
         if self._loud_blocks >= 2:
-            self._barge_in(now)
+            self._barge_in(now, microphone, playback)
             return
         # The reply plays far longer than an interruption takes to detect, so these
         # ratios measure the echo, not the user.
         if playback is not None:
             self.gate.observe_echo(microphone, playback)
 
-    def _barge_in(self, now: float) -> None:
-        logger.info("Barge-in: the user spoke over the reply; stopping it")
+    def _barge_in(self, now: float, microphone: float, playback: float | None) -> None:
+        reply = "nothing playing" if playback is None else f"reply {playback:.3f}, echo coupling {self.gate.coupling:.2f}"
+        logger.info("Barge-in: the user spoke over the reply (microphone RMS %.3f, %s); stopping it", microphone, reply)
         self._interrupted_at = now
         self._started_over_reply = False  # this speech is the user's, so it gets an answer
         self._task.cancel()
 
+    def _on_pause(self, pause: Pause, now: float) -> None:
+        """Start the turn at a pause, its audio held back until the endpointer confirms the end."""
+        if self._task is not None or self._started_over_reply:
+            return
+        # Whisper hears the last word more reliably with the silence that the endpoint
+        # would have added (one quiet "France" became "friends" without it): zeros stand
+        # in for the rest of the pause.
+        audio = np.pad(pause.audio, (0, (self.config.silence_ms - self.config.early_start_ms) * SAMPLE_RATE // 1000))
+        self._start(audio, now - (self._fed_s - pause.speech_end_s), None, Hold())
+        self.early_starts += 1
+        logger.debug("Pause after %d ms of speech: starting the turn before its end is certain", pause.voiced_ms)
+
+    def _drop_early_turn(self) -> None:
+        """The user went on speaking: cancel the early turn, unheard."""
+        if self._hold is None:
+            return
+        task = self._task
+        task.cancel()
+        # A model error in a dropped turn comes back when the turn is started again.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._dropped, self._task, self._hold, self._held_events = task, None, None, None
+        self.dropped_starts += 1
+        logger.debug("Speech resumed after a pause: dropping the early start")
+
     def _on_utterance(self, utterance: Utterance, now: float) -> None:
+        if self._hold is not None:
+            # The early turn covers this utterance: nothing was voiced since its pause.
+            self._hold.release(round((now - self._speech_end) * 1000))
+            self._held_events.release()
+            self._hold = self._held_events = None
+            return
         if self.replying:
             logger.debug("Ignoring speech that ended while a reply was still running")
             return
@@ -203,22 +286,39 @@ class LiveLoop:
             logger.info("Ignoring speech heard during the reply: the echo gate took it for the assistant's own voice")
             return
         speech_end = now - (self._fed_s - utterance.speech_end_s)
-        endpoint_ms = round((now - speech_end) * 1000)
+        self._start(utterance.audio, speech_end, round((now - speech_end) * 1000), None)
+
+    def _start(self, audio: np.ndarray, speech_end: float, endpoint_ms: int | None, hold: Hold | None) -> None:
         self._interrupted_at = None
         self._loud_blocks = 0
-        self._history_length = len(self.assistant.llm.conversation.history)
+        self._speech_end = speech_end
+        self._hold = hold
+        self._held_events = _HeldEvents(self.events) if hold else None
         self._sink = self.sink_factory()
-        self._task = asyncio.create_task(self._turn(utterance, speech_end, endpoint_ms), name="live-turn")
+        events = self._held_events or self.events
+        self._task = asyncio.create_task(self._turn(audio, speech_end, endpoint_ms, hold, events, self._dropped), name="live-turn")
 
-    async def _turn(self, utterance: Utterance, speech_end: float, endpoint_ms: int) -> TurnResult:
+    async def _turn(
+        self,
+        audio: np.ndarray,
+        speech_end: float,
+        endpoint_ms: int | None,
+        hold: Hold | None,
+        events: TurnEvents,
+        dropped: asyncio.Task | None,
+    ) -> TurnResult:
+        if dropped is not None:
+            # Its decoder stops at the end of a step; the caches are shared.
+            await asyncio.wait([dropped])
+        self._history_length = len(self.assistant.llm.conversation.history)
         return await self.assistant.respond_to_audio(
-            utterance.audio, self._sink, self.events, started_at=speech_end, endpoint_ms=endpoint_ms, accept=self.accept
+            audio, self._sink, events, started_at=speech_end, endpoint_ms=endpoint_ms, accept=self.accept, hold=hold
         )
 
     def _collect(self) -> None:
         """Record the turn task once it is done, finished or interrupted."""
         task = self._task
-        if task is None or not task.done():
+        if task is None or self._hold is not None or not task.done():
             return
         self._task = None
         if not task.cancelled():

@@ -48,6 +48,30 @@ class TurnEvents:
         pass
 
 
+class Hold:
+    """Keeps a turn's audio back until the endpointer confirms that the turn is over.
+
+    A live turn may start at a short pause, before the end of the turn is certain. It then
+    recognizes, decodes and synthesizes as usual, but plays nothing before ``release``.
+    Cancelled before that, it leaves the conversation as it found it.
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.endpoint_ms: int | None = None
+
+    @property
+    def released(self) -> bool:
+        return self._event.is_set()
+
+    def release(self, endpoint_ms: int | None = None) -> None:
+        self.endpoint_ms = endpoint_ms
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
 @dataclass
 class TurnResult:
     transcript: Transcript | None
@@ -80,6 +104,7 @@ class Assistant:
         started_at: float | None = None,
         endpoint_ms: int | None = None,
         accept: Callable[[str], str | None] | None = None,
+        hold: Hold | None = None,
     ) -> TurnResult:
         """Answer 16 kHz mono speech; returns without an answer when no speech is found.
 
@@ -105,7 +130,7 @@ class Assistant:
             metrics.total_ms = metrics.elapsed_ms()
             logger.info("turn: not addressed to the assistant: %r | asr %d ms", transcript.text, metrics.asr_ms)
             return TurnResult(transcript, "", metrics)
-        answer = await self._answer(question, sink, events, metrics, speculative)
+        answer = await self._answer(question, sink, events, metrics, speculative, hold)
         return TurnResult(transcript, answer, metrics)
 
     async def respond_to_text(
@@ -127,8 +152,11 @@ class Assistant:
         events: TurnEvents,
         metrics: TurnMetrics,
         speculative: bool | None,
+        hold: Hold | None = None,
     ) -> str:
         speak = sink is not None and self.synthesizer is not None
+        history = list(self.llm.conversation.history)
+        opened = False
         metrics.spoken = speak
         chunks: asyncio.Queue[str | None] = asyncio.Queue(_QUEUE_SIZE)
         # (samples, the text chunk they belong to, whether they end it)
@@ -168,6 +196,13 @@ class Assistant:
                 await audio.put(None)
 
         async def play() -> None:
+            nonlocal opened
+            if not opened:
+                # A held turn opens the device only once released.
+                await hold.wait()
+                metrics.endpoint_ms = hold.endpoint_ms
+                await sink.open(self.synthesizer.sample_rate)
+                opened = True
             try:
                 while (item := await audio.get()) is not None:
                     samples, chunk, last = item
@@ -185,8 +220,9 @@ class Assistant:
                 raise
 
         ok = False
-        if speak:
+        if speak and hold is None:
             await sink.open(self.synthesizer.sample_rate)
+            opened = True
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(generate(), name="llm")
@@ -194,10 +230,18 @@ class Assistant:
                     group.create_task(synthesize(), name="tts")
                     group.create_task(play(), name="sink")
             ok = True
+        except BaseExceptionGroup as failed:
+            # One stage failed and the task group cancelled the others: raise the failure
+            # itself, which callers know how to report (a device error, a model error).
+            raise failed.exceptions[0] from None
         finally:
-            if speak:
+            if opened:
                 await sink.close(ok)
-                if not ok:
+            if speak and not ok:
+                if hold is not None and not hold.released:
+                    # Dropped before the user finished speaking: the turn never happened.
+                    self.llm.conversation.history[:] = history
+                else:
                     # Cut off (barge-in) or failed: the history keeps what the user heard.
                     # NOTE: a chunk counts as heard only once all its audio was written.
                     self.llm.replace_last_answer(question, " ".join(spoken))

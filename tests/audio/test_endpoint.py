@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import FIXTURES, fixtures_of_kind
-from voice.audio.endpoint import Endpointer, SpeechStarted, Utterance
+from voice.audio.endpoint import Endpointer, Pause, SpeechResumed, SpeechStarted, Utterance
 from voice.audio.wav import load_speech
 
 RATE = 16_000
@@ -93,3 +93,43 @@ def test_flush_returns_the_unfinished_turn():
     assert final is not None
     assert final.reason == "end_of_stream"
     assert endpointer.flush() is None
+
+
+def test_a_pause_comes_before_the_end_of_the_turn():
+    speech = load_speech(FIXTURES / "en_piper_weather_today.wav")
+    events = run(Endpointer(silence_ms=600, pause_ms=210), np.concatenate([silence(1.0), speech, silence(2.0)]))
+    assert [type(event) for event in events] == [SpeechStarted, Pause, Utterance]
+    pause, utterance = events[1], events[2]
+    assert pause.at_s - pause.speech_end_s == pytest.approx(0.21, abs=0.031)
+    assert pause.speech_end_s == utterance.speech_end_s
+    # The early audio is the start of the turn's audio: nothing voiced came after it.
+    assert np.array_equal(utterance.audio[: len(pause.audio)], pause.audio)
+    assert len(utterance.audio) > len(pause.audio)
+
+
+def test_speech_after_a_pause_resumes_the_same_turn():
+    first = load_speech(FIXTURES / "en_piper_romeo_juliet_author.wav")
+    second = load_speech(FIXTURES / "en_piper_followup_when_born.wav")
+    # 0.8 s of silence between the two questions: a pause, but not the end of the turn.
+    events = run(Endpointer(silence_ms=1200, pause_ms=300), np.concatenate([silence(0.5), first, second, silence(2.0)]))
+    kinds = [type(event) for event in events]
+    assert kinds == [SpeechStarted, Pause, SpeechResumed, Pause, Utterance]
+    first_pause, resumed, second_pause, utterance = events[1:]
+    assert first_pause.at_s < resumed.at_s < second_pause.speech_end_s
+    assert second_pause.speech_end_s == utterance.speech_end_s
+    assert len(first_pause.audio) < len(second_pause.audio) < len(utterance.audio)
+
+
+@pytest.mark.parametrize("pause_ms", [0, 600, 900])
+def test_endpointer_without_pause_below_silence_reports_no_pause(pause_ms):
+    speech = load_speech(FIXTURES / "en_piper_weather_today.wav")
+    events = run(Endpointer(silence_ms=600, pause_ms=pause_ms), np.concatenate([silence(1.0), speech, silence(2.0)]))
+    assert [type(event) for event in events] == [SpeechStarted, Utterance]
+
+
+def test_endpointer_click_in_silence_reports_no_pause():
+    click = np.zeros(RATE, dtype=np.float32)
+    click[8000:8040] = 0.9
+    events = run(Endpointer(pause_ms=200), np.concatenate([silence(3.0), click, silence(1.0)]))
+    # The click may open a turn, but its few voiced frames start nothing early.
+    assert not [event for event in events if isinstance(event, (Pause, Utterance))]

@@ -71,8 +71,10 @@ def test_voice_benchmark_report_has_every_figure(assistant, tmp_path):
         if field not in ("acceptance_rate", "mean_accepted"):
             assert entry["off"]["p50"] is not None, field
     for turn in saved["turns"]:
-        assert 0 <= turn["endpoint_ms"] < 2000
-        assert turn["endpoint_ms"] <= turn["asr_ms"] <= turn["first_token_ms"] <= turn["first_audio_ms"] <= turn["total_ms"]
+        assert 0 < turn["start_ms"] <= turn["endpoint_ms"] < 2000
+        assert turn["start_ms"] <= turn["asr_ms"] <= turn["first_token_ms"] <= turn["first_audio_ms"] <= turn["total_ms"]
+        # No audio before the endpoint, also when the turn started early.
+        assert turn["endpoint_ms"] <= turn["first_audio_ms"]
         assert turn["tokens_per_s"] > 0
         assert turn["answer"]
     followups = [turn for turn in saved["turns"] if turn["kind"] == "followup"]

@@ -1,13 +1,18 @@
 """Endpointing: cut a live 16 kHz stream into utterances with webrtcvad.
 
-    idle ──speech starts──▶ in speech ──enough silence──▶ utterance (then idle again)
-                                      └─max length────▶ utterance
+    idle ──speech starts──▶ in speech ──short pause──▶ pause ──more silence──▶ utterance (then idle)
+                                │                    └──speech again──▶ resumed (in speech)
+                                └─max length────▶ utterance
 
 Speech starts when ``start_frames`` of the last ``start_window`` 30 ms frames are voiced,
 so a single click does not open a turn. The utterance then begins ``preroll_ms`` before
 that point. The pre-roll keeps the first syllable, which the window needs to recognise.
 The turn ends after ``silence_ms`` of unvoiced frames, or at ``max_turn_s``. Utterances
 with less than ``min_speech_ms`` of voiced frames are dropped as noise.
+
+With ``pause_ms`` set (below ``silence_ms``), a shorter silence first reports a Pause with
+the audio so far, so that the caller can start working on the turn while the endpointer
+still waits; SpeechResumed follows if the speaker goes on, and the turn continues.
 
 Positions are seconds of stream time (samples fed so far / 16000); the caller maps them
 to wall-clock time.
@@ -29,6 +34,25 @@ from voice.audio.vad import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, to_pcm16
 class SpeechStarted:
     at_s: float
     """Stream position where the start window filled."""
+
+
+@dataclass
+class Pause:
+    """The speaker paused for ``pause_ms``: the turn probably ends here."""
+
+    audio: np.ndarray
+    """16 kHz mono float32, from the pre-roll to the pause."""
+    speech_end_s: float
+    """End of the last voiced frame."""
+    at_s: float
+    voiced_ms: int
+
+
+@dataclass
+class SpeechResumed:
+    """Speech came back after a Pause: the turn goes on."""
+
+    at_s: float
 
 
 @dataclass
@@ -56,9 +80,13 @@ class Endpointer:
         min_speech_ms: int = 150,
         start_frames: int = 3,
         start_window: int = 4,
+        pause_ms: int = 0,
     ) -> None:
         self.vad = webrtcvad.Vad(aggressiveness)
         self.silence_frames = max(1, round(silence_ms / FRAME_MS))
+        # 0 turns pauses off, as does a pause no shorter than the turn's end.
+        pause_frames = round(pause_ms / FRAME_MS)
+        self.pause_frames = pause_frames if 0 < pause_frames < self.silence_frames else 0
         self.max_turn_frames = max(1, round(max_turn_s * 1000 / FRAME_MS))
         self.preroll_frames = max(0, round(preroll_ms / FRAME_MS))
         self.min_speech_frames = max(1, round(min_speech_ms / FRAME_MS))
@@ -76,13 +104,14 @@ class Endpointer:
         self._voiced = 0
         self._silence = 0
         self._last_voiced_end = 0
+        self._paused = False
 
     @property
     def in_speech(self) -> bool:
         return self._turn is not None
 
-    def feed(self, samples: np.ndarray) -> list[SpeechStarted | Utterance]:
-        events: list[SpeechStarted | Utterance] = []
+    def feed(self, samples: np.ndarray) -> list[SpeechStarted | Pause | SpeechResumed | Utterance]:
+        events: list[SpeechStarted | Pause | SpeechResumed | Utterance] = []
         data = np.concatenate([self._pending, np.asarray(samples, dtype=np.float32).reshape(-1)])
         whole = len(data) // FRAME_SAMPLES * FRAME_SAMPLES
         for start in range(0, whole, FRAME_SAMPLES):
@@ -98,7 +127,7 @@ class Endpointer:
             return None
         return self._finish("end_of_stream")
 
-    def _frame(self, frame: np.ndarray) -> SpeechStarted | Utterance | None:
+    def _frame(self, frame: np.ndarray) -> SpeechStarted | Pause | SpeechResumed | Utterance | None:
         voiced = self.vad.is_speech(to_pcm16(frame), SAMPLE_RATE)
         index = self._frames_seen
         self._frames_seen += 1
@@ -127,6 +156,17 @@ class Endpointer:
             return self._finish("silence")
         if len(self._turn) >= self.max_turn_frames:
             return self._finish("max_length")
+        if voiced and self._paused:
+            self._paused = False
+            return SpeechResumed(self._seconds(index))
+        if self.pause_frames and self._silence == self.pause_frames and self._voiced >= self.min_speech_frames:
+            self._paused = True
+            return Pause(
+                audio=np.concatenate(self._turn),
+                speech_end_s=self._seconds(self._last_voiced_end),
+                at_s=self._seconds(index + 1),
+                voiced_ms=self._voiced * FRAME_MS,
+            )
         return None
 
     def _finish(self, reason: str) -> Utterance | None:

@@ -6,18 +6,23 @@ cut back to the prefilled system prompt, as in a running service); a follow-up q
 first gets the question it follows as an untimed text turn.
 
 Times are milliseconds from the end of speech: the last 30 ms frame in which webrtcvad
-hears speech. The recording's silence after it stands for the endpointer's wait, so
-``endpoint_ms`` is that silence, and every later figure adds the pipeline's own time to it.
+hears speech. Each turn then runs as the live endpointer runs it: it starts
+``listen.early_start_ms`` after the end of speech with the recording up to that point, and
+its audio is held back until ``listen.silence_ms`` after the end of speech, the endpoint
+(with early start off, the turn starts at the endpoint).
 
-    end of speech ─ endpoint ─ speech recognition ─ first verified token ─ first audio ─ last audio
+    end of speech ─ pause: turn starts ─ speech recognition ─ first verified token ─ first audio ─ last audio
+                    └──── endpoint (silence_ms): audio may play from here on ────┘
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,12 +36,13 @@ from voice.audio.wav import load_speech
 from voice.bench.machine import PACKAGES, machine_description
 from voice.bench.wer import word_error_rate, word_errors
 from voice.errors import AudioInputError
+from voice.pipeline import Hold
 
 SPOKEN_KINDS = ("question", "command", "followup", "speech")
 
 # (field, label, unit) of every figure in the table, in pipeline order.
 FIGURES = [
-    ("endpoint_ms", "endpoint (silence after speech)", "ms"),
+    ("endpoint_ms", "endpoint (listen.silence_ms)", "ms"),
     ("asr_ms", "transcript ready", "ms"),
     ("first_token_ms", "first verified token", "ms"),
     ("first_audio_ms", "first audio", "ms"),
@@ -67,6 +73,8 @@ class VoiceTurn:
     answer: str
     speech_end_s: float
     """Position of the end of speech in the recording."""
+    start_ms: int
+    """When the turn started: at the pause (early start) or at the endpoint."""
     endpoint_ms: int
     asr_ms: int | None
     first_token_ms: int | None
@@ -108,12 +116,22 @@ async def _turn(assistant, fixture: Fixture, folder: Path, speculative: bool, re
         await assistant.respond_to_text(references[fixture.follows].transcript, None, speculative=speculative)
     audio = load_speech(folder / fixture.file)
     speech_end = end_of_speech_s(audio, assistant.config.asr.vad_aggressiveness)
-    endpoint_ms = max(0, round((len(audio) / SAMPLE_RATE - speech_end) * 1000))
-    result = await assistant.respond_to_audio(audio, WavFileSink(reply), speculative=speculative)
+    listen = assistant.config.listen
+    endpoint_ms = listen.silence_ms
+    start_ms = listen.early_start_ms or endpoint_ms
+    # The turn gets the recording up to its start, then silence up to the endpoint. Live
+    # mode pads an early start the same way.
+    heard = audio[: round((speech_end + start_ms / 1000) * SAMPLE_RATE)]
+    heard = np.pad(heard, (0, round((speech_end + endpoint_ms / 1000) * SAMPLE_RATE) - len(heard)))
+    started_at = time.perf_counter() - start_ms / 1000
+    hold = None
+    if listen.early_start_ms:
+        hold = Hold()
+        asyncio.get_running_loop().call_later((endpoint_ms - start_ms) / 1000, hold.release, endpoint_ms)
+    result = await assistant.respond_to_audio(
+        heard, WavFileSink(reply), speculative=speculative, started_at=started_at, endpoint_ms=None if hold else endpoint_ms, hold=hold
+    )
     metrics = result.metrics
-
-    def after_speech(value: int | None) -> int | None:
-        return None if value is None else value + endpoint_ms
 
     transcript = result.transcript.text if result.transcript else ""
     errors, words = word_errors(fixture.transcript, transcript)
@@ -125,11 +143,12 @@ async def _turn(assistant, fixture: Fixture, folder: Path, speculative: bool, re
         transcript=transcript,
         answer=result.answer,
         speech_end_s=round(speech_end, 3),
+        start_ms=start_ms,
         endpoint_ms=endpoint_ms,
-        asr_ms=after_speech(metrics.asr_ms),
-        first_token_ms=after_speech(metrics.first_token_ms),
-        first_audio_ms=after_speech(metrics.first_audio_ms),
-        total_ms=after_speech(metrics.total_ms),
+        asr_ms=metrics.asr_ms,
+        first_token_ms=metrics.first_token_ms,
+        first_audio_ms=metrics.first_audio_ms,
+        total_ms=metrics.total_ms,
         tokens_per_s=metrics.tokens_per_s,
         acceptance_rate=metrics.acceptance_rate,
         mean_accepted=metrics.mean_accepted,
@@ -250,10 +269,10 @@ def write_waterfall(turn: VoiceTurn, path: Path) -> None:
     from matplotlib import pyplot
 
     stages = [
-        ("endpoint (silence)", 0, turn.endpoint_ms),
-        ("speech recognition", turn.endpoint_ms, turn.asr_ms),
+        ("silence before the turn starts", 0, turn.start_ms),
+        ("speech recognition", turn.start_ms, turn.asr_ms),
         ("prompt to first verified token", turn.asr_ms, turn.first_token_ms),
-        ("first sentence and its synthesis", turn.first_token_ms, turn.first_audio_ms),
+        ("first chunk and its synthesis", turn.first_token_ms, turn.first_audio_ms),
         ("rest of the answer", turn.first_audio_ms, turn.total_ms),
     ]
     stages = [(name, start, end) for name, start, end in stages if start is not None and end is not None]
@@ -268,6 +287,9 @@ def write_waterfall(turn: VoiceTurn, path: Path) -> None:
     axis.set_title(f"A typical turn: {turn.file} (speculation on, first audio at {turn.first_audio_ms} ms)", fontsize=9)
     if turn.first_audio_ms is not None:
         axis.axvline(turn.first_audio_ms, color="black", linewidth=0.8, linestyle="--")
+    # No audio plays before the endpoint, however early the turn started.
+    axis.axvline(turn.endpoint_ms, color="#616161", linewidth=0.8, linestyle=":")
+    axis.text(turn.endpoint_ms, len(stages) - 0.4, " endpoint", fontsize=8, color="#616161")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     pyplot.close(figure)
