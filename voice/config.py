@@ -152,7 +152,7 @@ class ListenConfig:
     """webrtcvad mode for endpointing: 0 takes the most audio as speech, 3 the least."""
     max_turn_s: float = field(default=15.0, metadata={"range": (1.0, 120.0)})
     """A turn longer than this ends where it is."""
-    preroll_ms: int = field(default=300, metadata={"range": (0, 2000)})
+    preroll_ms: int = field(default=500, metadata={"range": (0, 2000)})
     """Audio kept from before speech was detected, so the first syllable is not cut."""
     min_speech_ms: int = field(default=150, metadata={"range": (30, 5000)})
     """Voiced audio a turn needs; shorter ones are dropped as noise."""

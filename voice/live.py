@@ -251,16 +251,12 @@ class LiveLoop:
         """Start the turn at a pause, its audio held back until the endpointer confirms the end."""
         if self._task is not None or self._started_over_reply:
             return
-        # Whisper hears the last word more reliably with the silence that the endpoint
-        # would have added (one quiet "France" became "friends" without it): zeros stand
-        # in for the rest of the pause.
-        audio = np.pad(pause.audio, (0, (self.config.silence_ms - self.config.early_start_ms) * SAMPLE_RATE // 1000))
-        self._start(audio, now - (self._fed_s - pause.speech_end_s), None, Hold())
+        self._start(pause.audio, now - (self._fed_s - pause.speech_end_s), None, Hold())
         self.early_starts += 1
         logger.debug("Pause after %d ms of speech: starting the turn before its end is certain", pause.voiced_ms)
 
     def _drop_early_turn(self) -> None:
-        """The user went on speaking: cancel the early turn, unheard."""
+        """Cancel the early turn, unheard: the user went on speaking."""
         if self._hold is None:
             return
         task = self._task

@@ -76,7 +76,7 @@ class Endpointer:
         silence_ms: int = 600,
         aggressiveness: int = 2,
         max_turn_s: float = 15.0,
-        preroll_ms: int = 300,
+        preroll_ms: int = 500,
         min_speech_ms: int = 150,
         start_frames: int = 3,
         start_window: int = 4,

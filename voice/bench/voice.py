@@ -5,11 +5,12 @@ warm-up turn that is not recorded. Every turn starts a new conversation (both KV
 cut back to the prefilled system prompt, as in a running service); a follow-up question
 first gets the question it follows as an untimed text turn.
 
-Times are milliseconds from the end of speech: the last 30 ms frame in which webrtcvad
-hears speech. Each turn then runs as the live endpointer runs it: it starts
-``listen.early_start_ms`` after the end of speech with the recording up to that point, and
-its audio is held back until ``listen.silence_ms`` after the end of speech, the endpoint
-(with early start off, the turn starts at the endpoint).
+Each turn runs as in live mode: the live endpointer cuts the recording (with its
+pre-roll before the speech), the turn starts ``listen.early_start_ms`` after the end of
+speech, and its audio is held back until ``listen.silence_ms`` after it, the endpoint.
+With early start off, the turn starts at the endpoint. Times are milliseconds from the
+end of speech: the end of the last 30 ms frame in which the endpointer's webrtcvad
+hears speech.
 
     end of speech ─ pause: turn starts ─ speech recognition ─ first verified token ─ first audio ─ last audio
                     └──── endpoint (silence_ms): audio may play from here on ────┘
@@ -31,14 +32,18 @@ from typing import Any
 import numpy as np
 
 from voice.audio.sinks import WavFileSink
-from voice.audio.vad import FRAME_MS, SAMPLE_RATE, normalize_peak, voiced_frames
+from voice.audio.endpoint import Endpointer, Pause
+from voice.audio.vad import SAMPLE_RATE
 from voice.audio.wav import load_speech
 from voice.bench.machine import PACKAGES, machine_description
 from voice.bench.wer import word_error_rate, word_errors
+from voice.config import ListenConfig
 from voice.errors import AudioInputError
 from voice.pipeline import Hold
 
 SPOKEN_KINDS = ("question", "command", "followup", "speech")
+# The endpointer's turn end while it cuts a fixture: longer than any pause in one.
+_NEVER_MS = 5000
 
 # (field, label, unit) of every figure in the table, in pipeline order.
 FIGURES = [
@@ -98,15 +103,33 @@ def read_manifest(folder: Path) -> list[Fixture]:
     return [Fixture(row["file"], row["kind"], row["transcript"], row.get("follows") or "") for row in rows if row["kind"] in SPOKEN_KINDS]
 
 
-def end_of_speech_s(audio: np.ndarray, aggressiveness: int) -> float:
-    """Return where the last voiced frame ends, in seconds; the whole length when none is voiced."""
-    # NOTE: a live endpointer reads the same webrtcvad frames as they arrive. On a file
-    # the last voiced frame is known at once, so no endpointer runs here.
-    frames = voiced_frames(normalize_peak(audio), aggressiveness)
-    voiced = np.flatnonzero(frames)
-    if not voiced.size:
-        return len(audio) / SAMPLE_RATE
-    return (int(voiced[-1]) + 1) * FRAME_MS / 1000
+def turn_audio(audio: np.ndarray, listen: ListenConfig) -> tuple[np.ndarray, float, int]:
+    """Return what a live turn over ``audio`` starts with.
+
+    That is the audio the turn gets, the end of speech in the recording (seconds) and
+    when the turn starts (ms after the end of speech). The live endpointer runs over the
+    recording with a second of silence before it and enough silence after it. Each
+    fixture is one question, so a pause inside the recording does not end the turn here.
+    The turn starts at the last pause of ``listen.early_start_ms``, or with early start
+    off at the endpoint.
+    """
+    start_ms = listen.early_start_ms or listen.silence_ms
+    endpointer = Endpointer(
+        silence_ms=_NEVER_MS,
+        aggressiveness=listen.vad_aggressiveness,
+        max_turn_s=120,
+        preroll_ms=listen.preroll_ms,
+        min_speech_ms=listen.min_speech_ms,
+        pause_ms=start_ms,
+    )
+    lead = np.zeros(SAMPLE_RATE, dtype=np.float32)
+    # A second more than the pause: a recording may end in voiced frames.
+    trail = np.zeros(SAMPLE_RATE * (start_ms + 1000) // 1000, dtype=np.float32)
+    pauses = [event for event in endpointer.feed(np.concatenate([lead, audio, trail])) if isinstance(event, Pause)]
+    if not pauses:
+        # No speech the endpointer would open a turn for: the whole recording, at its end.
+        return audio, len(audio) / SAMPLE_RATE, start_ms
+    return pauses[-1].audio, pauses[-1].speech_end_s - 1.0, start_ms
 
 
 async def _turn(assistant, fixture: Fixture, folder: Path, speculative: bool, reply: Path, references: dict[str, Fixture]) -> VoiceTurn:
@@ -114,15 +137,9 @@ async def _turn(assistant, fixture: Fixture, folder: Path, speculative: bool, re
     if fixture.follows and fixture.follows in references:
         # The question this one follows, as an untimed text turn.
         await assistant.respond_to_text(references[fixture.follows].transcript, None, speculative=speculative)
-    audio = load_speech(folder / fixture.file)
-    speech_end = end_of_speech_s(audio, assistant.config.asr.vad_aggressiveness)
     listen = assistant.config.listen
+    heard, speech_end, start_ms = turn_audio(load_speech(folder / fixture.file), listen)
     endpoint_ms = listen.silence_ms
-    start_ms = listen.early_start_ms or endpoint_ms
-    # The turn gets the recording up to its start, then silence up to the endpoint. Live
-    # mode pads an early start the same way.
-    heard = audio[: round((speech_end + start_ms / 1000) * SAMPLE_RATE)]
-    heard = np.pad(heard, (0, round((speech_end + endpoint_ms / 1000) * SAMPLE_RATE) - len(heard)))
     started_at = time.perf_counter() - start_ms / 1000
     hold = None
     if listen.early_start_ms:
