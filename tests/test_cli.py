@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 import subprocess
 import sys
 import wave
@@ -299,13 +300,20 @@ def test_chat_skips_invalid_utf8_line(qwen_tokenizer, monkeypatch, capsys, stdin
 def test_listen_replay_writes_replies_to_folder(tmp_path):
     from voice.audio.wav import read_wav
 
-    question = FIXTURES / "en_piper_capital_france_quiet.wav"
-    result = run_voice("listen", "--replay", str(question), "--output-dir", str(tmp_path))
+    # The follow-up waits for the first reply, as a person would, so both get answers.
+    question = FIXTURES / "en_espeak_tallest_mountain.wav"
+    followup = FIXTURES / "en_espeak_followup_how_tall.wav"
+    result = run_voice("listen", "--replay", str(question), str(followup), "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "paris" in result.stdout.lower()
-    samples, rate = read_wav(tmp_path / "reply-001.wav")
-    assert len(samples) / rate > 0.5
-    assert not (tmp_path / "reply-002.wav").exists()
+    answers = [line for line in result.stdout.splitlines() if line.startswith("Assistant:")]
+    assert len(answers) == 2, result.stdout
+    assert "everest" in answers[0].lower()
+    # "it" is the mountain of the first question: the answer gives a height.
+    assert re.search(r"\bmeters?\b|\bfeet\b", answers[1]), result.stdout
+    for name in ("reply-001.wav", "reply-002.wav"):
+        samples, rate = read_wav(tmp_path / name)
+        assert len(samples) / rate > 0.5
+    assert not (tmp_path / "reply-003.wav").exists()
 
 
 def test_listen_output_dir_must_exist(tmp_path):

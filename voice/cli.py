@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listen.add_argument("--no-speculation", action="store_true", help="decode with the target model alone, for comparison")
     listen.add_argument(
-        "--replay", nargs="+", metavar="WAV", help="instead of the microphone, play these recordings into the loop in real time, 1.5 s apart (for demos and tests)"
+        "--replay", nargs="+", metavar="WAV", help="instead of the microphone, play these recordings into the loop in real time, each 1.5 s after the reply to the one before (for demos and tests)"
     )
     listen.add_argument(
         "--output-dir",
@@ -433,7 +433,8 @@ async def _listen(config: Config, args: argparse.Namespace) -> int:
     if args.replay:
         for path in args.replay:
             read_wav(path)  # a bad file fails now, not after the models load
-        source = ReplaySource([(1.5, path) for path in args.replay] + [(3.0, None)])
+        # Each recording after the first waits for the reply to the one before it.
+        source = ReplaySource([(1.5, path) for path in args.replay] + [(3.0, None)], idle=lambda: loop.idle)
     else:
         source = MicrophoneSource(settings.input_device)
         source.check()

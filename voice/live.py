@@ -176,6 +176,15 @@ class LiveLoop:
         self._loud_blocks = 0
 
     @property
+    def idle(self) -> bool:
+        """True when no turn is running or being spoken: the moment a person would speak next."""
+        return self._task is None and self._dropped_done and not self.endpointer.in_speech
+
+    @property
+    def _dropped_done(self) -> bool:
+        return self._dropped is None or self._dropped.done()
+
+    @property
     def replying(self) -> bool:
         """True while a turn whose end was confirmed is still running (and may be playing)."""
         return self._task is not None and self._hold is None and not self._task.done()

@@ -121,14 +121,16 @@ class Assistant:
         transcript = await asyncio.to_thread(self.recognizer.transcribe, audio)
         metrics.asr_ms = metrics.elapsed_ms()
         events.on_transcript(transcript)
-        if not transcript.has_speech:
+        question = accept(transcript.text) if accept and transcript.has_speech else transcript.text
+        if not transcript.has_speech or not question:
+            if hold is not None:
+                # A turn that may still be dropped logs nothing before its end is confirmed.
+                await hold.wait()
             metrics.total_ms = metrics.elapsed_ms()
-            logger.info("turn: no speech detected, because %s | asr %d ms", transcript.reason, metrics.asr_ms)
-            return TurnResult(transcript, "", metrics)
-        question = accept(transcript.text) if accept else transcript.text
-        if not question:
-            metrics.total_ms = metrics.elapsed_ms()
-            logger.info("turn: not addressed to the assistant: %r | asr %d ms", transcript.text, metrics.asr_ms)
+            if not transcript.has_speech:
+                logger.info("turn: no speech detected, because %s | asr %d ms", transcript.reason, metrics.asr_ms)
+            else:
+                logger.info("turn: not addressed to the assistant: %r | asr %d ms", transcript.text, metrics.asr_ms)
             return TurnResult(transcript, "", metrics)
         answer = await self._answer(question, sink, events, metrics, speculative, hold)
         return TurnResult(transcript, answer, metrics)

@@ -27,6 +27,25 @@ def test_replay_runs_in_real_time():
     assert duration == pytest.approx(0.5 + len(load_speech(FIXTURES / "en_espeak_time_now.wav")) / 16_000, abs=0.02)
 
 
+def test_replay_waits_in_silence_until_idle_before_the_next_file():
+    question = FIXTURES / "en_espeak_time_now.wav"
+    length = len(load_speech(question))
+    calls = []
+
+    def idle() -> bool:
+        # Busy for the first 25 checks (half a second of 20 ms blocks), then idle.
+        calls.append(True)
+        return len(calls) > 25
+
+    blocks = asyncio.run(collect(ReplaySource([(0.1, question), (0.1, question)], realtime=False, idle=idle)))
+    samples = sum(len(block) for block in blocks)
+    assert len(calls) == 26
+    assert samples == 2 * (1600 + length) + 25 * 320
+    # Only silence came while the source waited.
+    waiting = np.concatenate(blocks)[1600 + length : 1600 + length + 25 * 320]
+    assert float(np.abs(waiting).max()) == 0.0
+
+
 def test_injected_audio_is_mixed_into_the_next_blocks():
     source = ReplaySource([(1.0, None)], realtime=False)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -107,13 +107,16 @@ class ReplaySource(AudioSource):
     """Plays WAV files into the live loop in real time, with silence before, between and after them.
 
     ``script`` is a list of (seconds of silence, WAV path or None); the blocks come at the
-    pace they would arrive from a microphone. ``inject(samples)`` mixes extra audio into
-    what comes next, which is how a test speaks over the assistant's reply.
+    pace they would arrive from a microphone. With ``idle``, a file after the first waits
+    in silence until ``idle()`` is true (the assistant has finished its reply), as a
+    person waits for an answer. ``inject(samples)`` mixes extra audio into what comes
+    next, which is how a test speaks over the assistant's reply.
     """
 
-    def __init__(self, script: list[tuple[float, str | Path | None]], realtime: bool = True) -> None:
+    def __init__(self, script: list[tuple[float, str | Path | None]], realtime: bool = True, idle: Callable[[], bool] | None = None) -> None:
         self.script = script
         self.realtime = realtime
+        self.idle = idle
         self._injected: list[np.ndarray] = []
         self.position_s = 0.0
         """Seconds of audio delivered so far."""
@@ -121,29 +124,33 @@ class ReplaySource(AudioSource):
     def inject(self, samples: np.ndarray) -> None:
         self._injected.append(np.asarray(samples, dtype=np.float32))
 
-    def _audio(self) -> np.ndarray:
-        parts = []
-        for pause_s, path in self.script:
-            parts.append(np.zeros(int(pause_s * SAMPLE_RATE), dtype=np.float32))
+    def _raw_blocks(self, step: int) -> Iterator[np.ndarray]:
+        for number, (pause_s, path) in enumerate(self.script):
+            if number and path is not None and self.idle is not None:
+                while not self.idle():
+                    yield np.zeros(step, dtype=np.float32)
+            parts = [np.zeros(int(pause_s * SAMPLE_RATE), dtype=np.float32)]
             if path is not None:
                 parts.append(load_speech(path))
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+            segment = np.concatenate(parts)
+            for start in range(0, len(segment), step):
+                yield segment[start : start + step].copy()
 
     async def blocks(self) -> AsyncIterator[np.ndarray]:
-        audio = self._audio()
         step = SAMPLE_RATE * BLOCK_MS // 1000
         loop = asyncio.get_running_loop()
         started = loop.time()
         pending = np.zeros(0, dtype=np.float32)
-        for start in range(0, len(audio), step):
-            block = audio[start : start + step].copy()
+        delivered = 0
+        for block in self._raw_blocks(step):
             while self._injected:
                 pending = np.concatenate([pending, self._injected.pop(0)])
             if pending.size:
                 mixed = min(len(block), len(pending))
                 block[:mixed] += pending[:mixed]
                 pending = pending[mixed:]
-            self.position_s = (start + len(block)) / SAMPLE_RATE
+            delivered += len(block)
+            self.position_s = delivered / SAMPLE_RATE
             if self.realtime:
                 await asyncio.sleep(max(0.0, started + self.position_s - loop.time()))
             yield block
