@@ -300,7 +300,7 @@ def test_chat_skips_invalid_utf8_line(qwen_tokenizer, monkeypatch, capsys, stdin
 def test_listen_replay_writes_replies_to_folder(tmp_path):
     from voice.audio.wav import read_wav
 
-    # The follow-up waits for the first reply, as a person would, so both get answers.
+    # The follow-up waits for the first reply, as a person would, so the loop replies to both.
     question = FIXTURES / "en_espeak_tallest_mountain.wav"
     followup = FIXTURES / "en_espeak_followup_how_tall.wav"
     result = run_voice("listen", "--replay", str(question), str(followup), "--output-dir", str(tmp_path))

@@ -101,7 +101,7 @@ def test_two_questions_answered_and_noise_ignored(assistant):
     assert "shakespeare" in answered[0].result.answer.lower()
     assert "time" in answered[1].result.transcript.text.lower()
     metrics = answered[0].result.metrics
-    # Both turns started at a pause; speech recognition may finish before the endpoint,
+    # Both turns started at a pause. Speech recognition may finish before the endpoint,
     # but no audio plays before it.
     assert loop.early_starts >= 2
     assert 0 < metrics.asr_ms < metrics.first_token_ms < metrics.first_audio_ms
@@ -135,7 +135,7 @@ def test_speech_after_a_pause_drops_the_early_start(assistant):
     assert len(turns) == 1
     assert loop.early_starts == 2
     assert loop.dropped_starts == 1
-    # The first early start heard only the first question; it played nothing and left
+    # The first early start heard only the first question. It played nothing and left
     # neither a transcript on screen nor an exchange in the history.
     assert sum(len(speaker.pieces) > 0 for speaker in speakers) == 1
     assert len(transcripts) == 1

@@ -3,10 +3,10 @@
     AudioSource ──blocks──▶ Endpointer ──utterance──▶ Assistant.respond_to_audio ──▶ PacedSink
          └──────────── while a reply plays: echo gate ──barge-in──▶ cancel the turn
 
-The turn starts early, at a pause of ``listen.early_start_ms``: speech recognition, the
+The turn starts early, at a pause of ``listen.early_start_ms``. Speech recognition, the
 language model and piper run while the endpointer waits for ``listen.silence_ms`` to end
 the turn, and the audio is held back until then. If the user goes on speaking, the early
-turn is cancelled unheard and leaves the conversation as it was; the next pause starts
+turn is cancelled unheard and leaves the conversation as it was. The next pause starts
 again with the longer recording.
 
 The loop keeps reading the microphone while a reply plays. The microphone then also
@@ -104,14 +104,19 @@ class _EchoGate:
         return microphone_rms > self.margin * self.coupling * playback_rms
 
 
-class _HeldEvents(TurnEvents):
-    """Passes an early turn's events on only once its end is confirmed; a dropped turn shows nothing."""
+class _HeldTurn(TurnEvents):
+    """Events and audio of an early turn, held back until its end is confirmed.
+
+    A dropped turn therefore neither shows its transcript and text nor plays anything.
+    """
 
     def __init__(self, events: TurnEvents) -> None:
         self.events = events
+        self.hold = Hold()
         self.backlog: list[tuple[str, tuple]] | None = []
 
-    def release(self) -> None:
+    def release(self, endpoint_ms: int) -> None:
+        self.hold.release(endpoint_ms)
         backlog, self.backlog = self.backlog or [], None
         for name, args in backlog:
             getattr(self.events, name)(*args)
@@ -160,9 +165,8 @@ class LiveLoop:
         self.gate = _EchoGate(config.barge_in_margin)
         self.turns: list[LiveTurn] = []
         self._task: asyncio.Task | None = None
-        self._hold: Hold | None = None
+        self._early_turn: _HeldTurn | None = None
         """Set while ``_task`` started at a pause and waits for the end of the turn."""
-        self._held_events: _HeldEvents | None = None
         self._dropped: asyncio.Task | None = None
         """The last early turn that was cancelled; the next turn waits until it has stopped."""
         self.early_starts = 0
@@ -178,16 +182,13 @@ class LiveLoop:
     @property
     def idle(self) -> bool:
         """True when no turn is running or being spoken: the moment a person would speak next."""
-        return self._task is None and self._dropped_done and not self.endpointer.in_speech
-
-    @property
-    def _dropped_done(self) -> bool:
-        return self._dropped is None or self._dropped.done()
+        dropped_done = self._dropped is None or self._dropped.done()
+        return self._task is None and dropped_done and not self.endpointer.in_speech
 
     @property
     def replying(self) -> bool:
         """True while a turn whose end was confirmed is still running (and may be playing)."""
-        return self._task is not None and self._hold is None and not self._task.done()
+        return self._task is not None and self._early_turn is None and not self._task.done()
 
     def _playing(self, now: float) -> float | None:
         """Return the loudest level of the reply in the last 300 ms, or None when nothing played then.
@@ -260,28 +261,27 @@ class LiveLoop:
         """Start the turn at a pause, its audio held back until the endpointer confirms the end."""
         if self._task is not None or self._started_over_reply:
             return
-        self._start(pause.audio, now - (self._fed_s - pause.speech_end_s), None, Hold())
+        self._start(pause.audio, self._wall_time(pause.speech_end_s, now), None, _HeldTurn(self.events))
         self.early_starts += 1
         logger.debug("Pause after %d ms of speech: starting the turn before its end is certain", pause.voiced_ms)
 
     def _drop_early_turn(self) -> None:
         """Cancel the early turn, unheard: the user went on speaking."""
-        if self._hold is None:
+        if self._early_turn is None:
             return
         task = self._task
         task.cancel()
         # A model error in a dropped turn comes back when the turn is started again.
         task.add_done_callback(lambda done: done.cancelled() or done.exception())
-        self._dropped, self._task, self._hold, self._held_events = task, None, None, None
+        self._dropped, self._task, self._early_turn = task, None, None
         self.dropped_starts += 1
         logger.debug("Speech resumed after a pause: dropping the early start")
 
     def _on_utterance(self, utterance: Utterance, now: float) -> None:
-        if self._hold is not None:
+        if self._early_turn is not None:
             # The early turn covers this utterance: nothing was voiced since its pause.
-            self._hold.release(round((now - self._speech_end) * 1000))
-            self._held_events.release()
-            self._hold = self._held_events = None
+            self._early_turn.release(round((now - self._speech_end) * 1000))
+            self._early_turn = None
             return
         if self.replying:
             logger.debug("Ignoring speech that ended while a reply was still running")
@@ -290,17 +290,20 @@ class LiveLoop:
             self._started_over_reply = False
             logger.info("Ignoring speech heard during the reply: the echo gate took it for the assistant's own voice")
             return
-        speech_end = now - (self._fed_s - utterance.speech_end_s)
+        speech_end = self._wall_time(utterance.speech_end_s, now)
         self._start(utterance.audio, speech_end, round((now - speech_end) * 1000), None)
 
-    def _start(self, audio: np.ndarray, speech_end: float, endpoint_ms: int | None, hold: Hold | None) -> None:
+    def _wall_time(self, stream_s: float, now: float) -> float:
+        """Return the perf_counter() time of a stream position, given that ``now`` is the end of the stream so far."""
+        return now - (self._fed_s - stream_s)
+
+    def _start(self, audio: np.ndarray, speech_end: float, endpoint_ms: int | None, early_turn: _HeldTurn | None) -> None:
         self._interrupted_at = None
         self._loud_blocks = 0
         self._speech_end = speech_end
-        self._hold = hold
-        self._held_events = _HeldEvents(self.events) if hold else None
+        self._early_turn = early_turn
         self._sink = self.sink_factory()
-        events = self._held_events or self.events
+        events, hold = (early_turn, early_turn.hold) if early_turn else (self.events, None)
         self._task = asyncio.create_task(self._turn(audio, speech_end, endpoint_ms, hold, events, self._dropped), name="live-turn")
 
     async def _turn(
@@ -313,7 +316,7 @@ class LiveLoop:
         dropped: asyncio.Task | None,
     ) -> TurnResult:
         if dropped is not None:
-            # Its decoder stops at the end of a step; the caches are shared.
+            # Its decoder stops at the end of a step. Wait for that, because both turns share the caches.
             await asyncio.wait([dropped])
         self._history_length = len(self.assistant.llm.conversation.history)
         return await self.assistant.respond_to_audio(
@@ -323,7 +326,7 @@ class LiveLoop:
     def _collect(self) -> None:
         """Record the turn task once it is done, finished or interrupted."""
         task = self._task
-        if task is None or self._hold is not None or not task.done():
+        if task is None or self._early_turn is not None or not task.done():
             return
         self._task = None
         if not task.cancelled():

@@ -49,7 +49,7 @@ class TurnEvents:
 
 
 class Hold:
-    """Keeps a turn's audio back until the endpointer confirms that the turn is over.
+    """A gate that keeps a turn's audio back until the endpointer confirms that the turn is over.
 
     A live turn may start at a short pause, before the end of the turn is certain. It then
     recognizes, decodes and synthesizes as usual, but plays nothing before ``release``.
@@ -121,16 +121,18 @@ class Assistant:
         transcript = await asyncio.to_thread(self.recognizer.transcribe, audio)
         metrics.asr_ms = metrics.elapsed_ms()
         events.on_transcript(transcript)
-        question = accept(transcript.text) if accept and transcript.has_speech else transcript.text
-        if not transcript.has_speech or not question:
+        question = None
+        if not transcript.has_speech:
+            skipped = f"no speech detected, because {transcript.reason}"
+        else:
+            question = accept(transcript.text) if accept else transcript.text
+            skipped = None if question else f"not addressed to the assistant: {transcript.text!r}"
+        if skipped is not None:
             if hold is not None:
                 # A turn that may still be dropped logs nothing before its end is confirmed.
                 await hold.wait()
             metrics.total_ms = metrics.elapsed_ms()
-            if not transcript.has_speech:
-                logger.info("turn: no speech detected, because %s | asr %d ms", transcript.reason, metrics.asr_ms)
-            else:
-                logger.info("turn: not addressed to the assistant: %r | asr %d ms", transcript.text, metrics.asr_ms)
+            logger.info("turn: %s | asr %d ms", skipped, metrics.asr_ms)
             return TurnResult(transcript, "", metrics)
         answer = await self._answer(question, sink, events, metrics, speculative, hold)
         return TurnResult(transcript, answer, metrics)
@@ -199,7 +201,7 @@ class Assistant:
 
         async def play() -> None:
             nonlocal opened
-            if not opened:
+            if hold is not None:
                 # A held turn opens the device only once released.
                 await hold.wait()
                 metrics.endpoint_ms = hold.endpoint_ms

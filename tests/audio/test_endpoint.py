@@ -95,7 +95,7 @@ def test_flush_returns_the_unfinished_turn():
     assert endpointer.flush() is None
 
 
-def test_a_pause_comes_before_the_end_of_the_turn():
+def test_endpointer_pause_before_turn_end():
     speech = load_speech(FIXTURES / "en_piper_weather_today.wav")
     events = run(Endpointer(silence_ms=600, pause_ms=210), np.concatenate([silence(1.0), speech, silence(2.0)]))
     assert [type(event) for event in events] == [SpeechStarted, Pause, Utterance]

@@ -27,7 +27,7 @@ def test_replay_runs_in_real_time():
     assert duration == pytest.approx(0.5 + len(load_speech(FIXTURES / "en_espeak_time_now.wav")) / 16_000, abs=0.02)
 
 
-def test_replay_waits_in_silence_until_idle_before_the_next_file():
+def test_replay_waits_until_idle():
     question = FIXTURES / "en_espeak_time_now.wav"
     length = len(load_speech(question))
     calls = []

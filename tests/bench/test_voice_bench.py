@@ -19,15 +19,15 @@ from voice.cli import main
 def test_turn_audio_starts_at_the_last_pause():
     audio = load_speech(FIXTURES / "en_piper_capital_france_quiet.wav")
     listen = ListenConfig(silence_ms=600, early_start_ms=200, preroll_ms=500)
-    heard, speech_end, start_ms = bench_voice.turn_audio(audio, listen)
+    recording, speech_end, start_ms = bench_voice.turn_audio(audio, listen)
     assert start_ms == 200
     assert 0.5 < speech_end < len(audio) / 16_000
     # From the pre-roll before the speech to 200 ms after its end.
-    assert len(heard) / 16_000 == pytest.approx(speech_end + 0.2 - (0.4 - 0.5), abs=0.2)
-    assert float(np.abs(heard).max()) > 0.01
+    assert len(recording) / 16_000 == pytest.approx(speech_end + 0.2 - (0.4 - 0.5), abs=0.2)
+    assert float(np.abs(recording).max()) > 0.01
 
 
-def test_turn_audio_without_early_start_runs_to_the_endpoint():
+def test_turn_audio_without_early_start_ends_at_endpoint():
     audio = load_speech(FIXTURES / "en_sr_one_two_three.wav")
     early, early_end, _ = bench_voice.turn_audio(audio, ListenConfig(silence_ms=600, early_start_ms=200))
     late, late_end, start_ms = bench_voice.turn_audio(audio, ListenConfig(silence_ms=600, early_start_ms=0))
@@ -41,8 +41,8 @@ def test_turn_audio_without_early_start_runs_to_the_endpoint():
 
 def test_turn_audio_of_silence_is_the_whole_recording():
     silence = np.zeros(16_000, dtype=np.float32)
-    heard, speech_end, _ = bench_voice.turn_audio(silence, ListenConfig())
-    assert len(heard) == len(silence)
+    recording, speech_end, _ = bench_voice.turn_audio(silence, ListenConfig())
+    assert len(recording) == len(silence)
     assert speech_end == 1.0
 
 

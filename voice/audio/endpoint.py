@@ -12,7 +12,7 @@ with less than ``min_speech_ms`` of voiced frames are dropped as noise.
 
 With ``pause_ms`` set (below ``silence_ms``), a shorter silence first reports a Pause with
 the audio so far, so that the caller can start working on the turn while the endpointer
-still waits; SpeechResumed follows if the speaker goes on, and the turn continues.
+still waits. If the speaker goes on, SpeechResumed follows and the turn continues.
 
 Positions are seconds of stream time (samples fed so far / 16000); the caller maps them
 to wall-clock time.
@@ -38,7 +38,7 @@ class SpeechStarted:
 
 @dataclass
 class Pause:
-    """The speaker paused for ``pause_ms``: the turn probably ends here."""
+    """A silence of ``pause_ms`` after speech, where the turn probably ends."""
 
     audio: np.ndarray
     """16 kHz mono float32, from the pre-roll to the pause."""
@@ -50,7 +50,7 @@ class Pause:
 
 @dataclass
 class SpeechResumed:
-    """Speech came back after a Pause: the turn goes on."""
+    """Speech after a Pause, so the turn goes on."""
 
     at_s: float
 

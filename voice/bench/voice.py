@@ -138,7 +138,7 @@ async def _turn(assistant, fixture: Fixture, folder: Path, speculative: bool, re
         # The question this one follows, as an untimed text turn.
         await assistant.respond_to_text(references[fixture.follows].transcript, None, speculative=speculative)
     listen = assistant.config.listen
-    heard, speech_end, start_ms = turn_audio(load_speech(folder / fixture.file), listen)
+    recording, speech_end, start_ms = turn_audio(load_speech(folder / fixture.file), listen)
     endpoint_ms = listen.silence_ms
     started_at = time.perf_counter() - start_ms / 1000
     hold = None
@@ -146,7 +146,7 @@ async def _turn(assistant, fixture: Fixture, folder: Path, speculative: bool, re
         hold = Hold()
         asyncio.get_running_loop().call_later((endpoint_ms - start_ms) / 1000, hold.release, endpoint_ms)
     result = await assistant.respond_to_audio(
-        heard, WavFileSink(reply), speculative=speculative, started_at=started_at, endpoint_ms=None if hold else endpoint_ms, hold=hold
+        recording, WavFileSink(reply), speculative=speculative, started_at=started_at, endpoint_ms=None if hold else endpoint_ms, hold=hold
     )
     metrics = result.metrics
 
