@@ -85,3 +85,36 @@ def test_normalize_peak_caps_gain():
     assert np.max(normalize_peak(loud)) == pytest.approx(0.5)
     silent = np.zeros(100, dtype=np.float32)
     assert not normalize_peak(silent).any()
+
+
+@pytest.mark.parametrize(
+    ("content_frames", "min_frames", "expected"),
+    [(300, 1200, 1200), (1100, 1200, 1300), (1550, 1200, 1800), (2900, 1200, 3000), (0, 3000, 3000)],
+)
+def test_encoder_window_covers_the_speech_and_a_margin(content_frames, min_frames, expected):
+    from voice.asr.recognizer import encoder_frames
+
+    assert encoder_frames(content_frames, min_frames) == expected
+
+
+class _EncodeRecorder:
+    """Stands in front of the CTranslate2 model and records the encoder's input widths."""
+
+    def __init__(self, model) -> None:
+        self._model = model
+        self.widths: list[int] = []
+
+    def encode(self, features, **kwargs):
+        self.widths.append(features.shape[-1])
+        return self._model.encode(features, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def test_short_question_is_encoded_in_the_shortest_window(recognizer, monkeypatch):
+    recorder = _EncodeRecorder(recognizer.model.model)
+    monkeypatch.setattr(recognizer.model, "model", recorder)
+    transcript = recognizer.transcribe(load_speech(FIXTURES / "en_espeak_tallest_mountain.wav"))
+    assert "mountain" in spoken_words(transcript.text)
+    assert recorder.widths == [AsrConfig().window_s * 100]
