@@ -44,10 +44,10 @@ class AsrConfig:
     beam_size: int = field(default=1, metadata={"range": (1, 10)})
     threads: int = field(default=0, metadata={"range": (0, 256)})
     """CPU threads for Whisper; 0 uses every core."""
-    window_s: int = field(default=12, metadata={"range": (1, 30)})
+    window_s: int = field(default=15, metadata={"range": (1, 30)})
     """Shortest audio window (seconds) that Whisper's encoder runs over. A longer
     recording gets its length plus 2 s, up to the 30 s Whisper was trained on. The
-    encoder's time grows with the window, and 12 s took a third of the time of 30 s."""
+    encoder's time grows with the window, and 15 s took half the time of 30 s."""
     min_speech_ms: int = field(default=250, metadata={"range": (0, 10_000)})
     """Voiced audio (milliseconds, by webrtcvad) a recording needs before Whisper runs."""
     vad_aggressiveness: int = field(default=3, metadata={"range": (0, 3)})

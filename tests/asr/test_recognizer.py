@@ -89,7 +89,7 @@ def test_normalize_peak_caps_gain():
 
 @pytest.mark.parametrize(
     ("content_frames", "min_frames", "expected"),
-    [(300, 1200, 1200), (1100, 1200, 1300), (1550, 1200, 1800), (2900, 1200, 3000), (0, 3000, 3000)],
+    [(300, 1500, 1500), (1400, 1500, 1600), (1550, 1500, 1800), (2900, 1500, 3000), (0, 3000, 3000)],
 )
 def test_encoder_window_covers_the_speech_and_a_margin(content_frames, min_frames, expected):
     from voice.asr.recognizer import encoder_frames
