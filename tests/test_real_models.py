@@ -178,10 +178,13 @@ def test_follow_up_question_uses_history(assistant, tmp_path):
     assistant.llm.conversation.clear()
     first = asyncio.run(assistant.respond_to_text("Who wrote Romeo and Juliet?", None))
     assert "shakespeare" in first.answer.lower()
+    opening = assistant.llm.next_turn_prefix()
     second = asyncio.run(assistant.respond_to_text("In which year was he born?", None))
     assert "1564" in second.answer or "fifteen sixty-four" in second.answer.lower()
-    # The second turn reused the cached first turn: only its new tokens were prefilled.
-    assert second.metrics.prefill_tokens < second.metrics.prompt_tokens / 2
+    # The first turn's answer and the opening of the next user message were prefilled
+    # after the first turn, so the second prefilled only its own words.
+    assert second.metrics.prefill_tokens == second.metrics.prompt_tokens - len(opening)
+    assert second.metrics.prefill_tokens < 16
 
 
 def test_cancelled_answer_keeps_spoken_part_in_history(assistant):

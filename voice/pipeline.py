@@ -94,6 +94,7 @@ class Assistant:
         self.llm = llm
         self.recognizer = recognizer
         self.synthesizer = synthesizer
+        self._next_turn_prefill: asyncio.Future[None] | None = None
 
     async def respond_to_audio(
         self,
@@ -252,7 +253,23 @@ class Assistant:
         metrics.total_ms = metrics.elapsed_ms()
         self._record_decoding(metrics)
         logger.info("turn: %s", metrics.summary())
+        if ok:
+            # The reply is complete (and played), so the user is not speaking yet: prefill
+            # the next prompt's opening now rather than after the next question.
+            # Submitted to the executor at once, not as a task: asyncio.run cancels pending
+            # tasks when its coroutine returns, but waits for the executor's threads.
+            prefix = self.llm.next_turn_prefix()
+            self._next_turn_prefill = asyncio.get_running_loop().run_in_executor(None, self.llm.prefill, prefix)
+            self._next_turn_prefill.add_done_callback(_log_prefill_failure)
         return "".join(parts)
+
+    async def settle(self) -> None:
+        """Wait until the work started after the last turn (the next prompt's prefill) is done."""
+        task, self._next_turn_prefill = self._next_turn_prefill, None
+        # The future of an event loop that has closed since is done: that loop waited for its
+        # executor's threads before closing.
+        if task is not None and not task.done():
+            await asyncio.wait([task])
 
     async def speak(self, text: str, sink: AudioSink) -> float:
         """Speak ``text`` as it is; return the seconds of audio written."""
@@ -273,6 +290,12 @@ class Assistant:
         metrics.acceptance_rate = stats.acceptance_rate
         metrics.mean_accepted = stats.mean_accepted
         metrics.accept_counts = list(stats.accept_counts)
+
+
+def _log_prefill_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # The next turn prefills its whole prompt instead; nothing else is lost.
+        logger.warning("Prefilling the next turn's prompt failed: %s", task.exception())
 
 
 async def load_assistant(config: Config, need_asr: bool = True, need_tts: bool = True, speculative: bool | None = None) -> Assistant:

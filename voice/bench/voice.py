@@ -133,10 +133,13 @@ def turn_audio(audio: np.ndarray, listen: ListenConfig) -> tuple[np.ndarray, flo
 
 
 async def _turn(assistant, fixture: Fixture, folder: Path, speculative: bool, reply: Path, references: dict[str, Fixture]) -> VoiceTurn:
+    await assistant.settle()
     assistant.llm.new_conversation()
     if fixture.follows and fixture.follows in references:
         # The question this one follows, as an untimed text turn.
         await assistant.respond_to_text(references[fixture.follows].transcript, None, speculative=speculative)
+        # A user asks the next question seconds later, when the work after the answer is done.
+        await assistant.settle()
     listen = assistant.config.listen
     recording, speech_end, start_ms = turn_audio(load_speech(folder / fixture.file), listen)
     endpoint_ms = listen.silence_ms

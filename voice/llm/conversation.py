@@ -54,10 +54,13 @@ class Conversation:
                 )
         return list(ids)
 
-    def shared_prefix_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-        """Return the tokens that open every first-turn prompt: the system prompt and its framing."""
-        first = self.prompt_ids(tokenizer, "a", max_prompt_tokens=1_000_000)
-        second = self.prompt_ids(tokenizer, "z", max_prompt_tokens=1_000_000)
+    def shared_prefix_ids(self, tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int = 1_000_000) -> list[int]:
+        """Return the tokens that open the next prompt whatever the question.
+
+        These are the system prompt, the history and the opening of the user message.
+        """
+        first = self.prompt_ids(tokenizer, "a", max_prompt_tokens)
+        second = self.prompt_ids(tokenizer, "z", max_prompt_tokens)
         common = 0
         while common < min(len(first), len(second)) and first[common] == second[common]:
             common += 1

@@ -58,6 +58,8 @@ class LanguageModelStage:
         self.stop = StopStrings(self.tokenizer, config.stop_strings)
         self.conversation = Conversation(config.system_prompt, config.max_history_turns)
         self.last_answer: Answer | None = None
+        self._decoder_lock = threading.Lock()
+        """Held while a worker thread runs the decoder, whose calls are not thread-safe."""
 
     @property
     def can_speculate(self) -> bool:
@@ -71,9 +73,10 @@ class LanguageModelStage:
         it also times the passes that the choice of k weighs against each other.
         """
         prefix = self.conversation.shared_prefix_ids(self.tokenizer)
-        self.decoder.prefill(prefix)
-        if self.config.adaptive_draft and self.can_speculate:
-            self.decoder.calibrate()
+        with self._decoder_lock:
+            self.decoder.prefill(prefix)
+            if self.config.adaptive_draft and self.can_speculate:
+                self.decoder.calibrate()
         return len(prefix)
 
     def new_conversation(self) -> None:
@@ -95,9 +98,33 @@ class LanguageModelStage:
         if history and history[-1].user == user_text:
             history[-1].assistant = assistant_text.strip()
 
+    def next_turn_prefix(self) -> list[int]:
+        """Return what the next prompt starts with, whatever the question.
+
+        That is the conversation so far and the opening of the next user message.
+        """
+        return self.conversation.shared_prefix_ids(self.tokenizer, self.max_prompt_tokens)
+
+    def prefill(self, ids: list[int]) -> None:
+        """Feed ``ids`` into the decoder's caches ahead of the prompt that starts with them.
+
+        Blocking, so call it from a worker thread. The next question then prefills only
+        the tokens after ``ids``.
+        """
+        with self._decoder_lock:
+            try:
+                self.decoder.prefill(ids)
+            except Exception:
+                # A pass that failed part-way may leave some layers longer than others.
+                self.decoder.reset()
+                raise
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.config.max_context_tokens - self.config.max_new_tokens
+
     def prompt_ids(self, user_text: str) -> list[int]:
-        limit = self.config.max_context_tokens - self.config.max_new_tokens
-        return self.conversation.prompt_ids(self.tokenizer, user_text, limit)
+        return self.conversation.prompt_ids(self.tokenizer, user_text, self.max_prompt_tokens)
 
     async def answer(self, user_text: str, speculative: bool | None = None) -> AsyncIterator[str]:
         """Stream the answer to ``user_text`` as text fragments of verified tokens.
@@ -142,9 +169,10 @@ class LanguageModelStage:
             if self.config.threads:
                 torch.set_num_threads(self.config.threads)
             try:
-                steps = self.decoder.generate(prompt, self.config.max_new_tokens, speculative, cancel, self.sampling, self.stop or None)
-                for tokens in steps:
-                    loop.call_soon_threadsafe(queue.put_nowait, tokens)
+                with self._decoder_lock:
+                    steps = self.decoder.generate(prompt, self.config.max_new_tokens, speculative, cancel, self.sampling, self.stop or None)
+                    for tokens in steps:
+                        loop.call_soon_threadsafe(queue.put_nowait, tokens)
             except BaseException as error:  # handed to the consumer, which re-raises it
                 loop.call_soon_threadsafe(queue.put_nowait, error)
             else:
@@ -168,5 +196,6 @@ class LanguageModelStage:
     def generate_ids(self, prompt_ids: list[int], speculative: bool, max_new_tokens: int | None = None) -> list[int]:
         """Decode synchronously and return all verified ids (for tests and benchmarks)."""
         limit = max_new_tokens or self.config.max_new_tokens
-        steps = self.decoder.generate(prompt_ids, limit, speculative, sampling=self.sampling, stop=self.stop or None)
-        return [token for step in steps for token in step]
+        with self._decoder_lock:
+            steps = self.decoder.generate(prompt_ids, limit, speculative, sampling=self.sampling, stop=self.stop or None)
+            return [token for step in steps for token in step]
