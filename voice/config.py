@@ -41,7 +41,9 @@ class AsrConfig:
     ("capital of France" as "capital of friends") on an AVX512 CPU."""
     language: str = "en"
     """Language code passed to Whisper; empty string lets Whisper detect it."""
-    beam_size: int = field(default=1, metadata={"range": (1, 10)})
+    beam_size: int = field(default=5, metadata={"range": (1, 10)})
+    """Beam width of Whisper's decoder; 1 is greedy. With the 15-second window, 5 made
+    fewer word errors than greedy decoding of the full 30-second window."""
     threads: int = field(default=0, metadata={"range": (0, 256)})
     """CPU threads for Whisper; 0 uses every core."""
     window_s: int = field(default=15, metadata={"range": (1, 30)})
