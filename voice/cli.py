@@ -202,6 +202,8 @@ async def _respond(config: Config, args: argparse.Namespace) -> int:
 
     speculative = False if args.no_speculation else None
     assistant = await load_assistant(config, speculative=speculative)
+    # One question and then exit: a prefill for a next turn would only delay the exit.
+    assistant.prepare_next_turn = False
     result = await assistant.respond_to_audio(audio, sink, _PrintingEvents(show_transcript=True), speculative)
     if not result.transcript.has_speech:
         return _report_no_speech(args.input, result.transcript.reason)

@@ -94,6 +94,8 @@ class Assistant:
         self.llm = llm
         self.recognizer = recognizer
         self.synthesizer = synthesizer
+        self.prepare_next_turn = True
+        """Whether a complete turn prefills the next prompt's opening; off for one-shot commands."""
         self._next_turn_prefill: asyncio.Future[None] | None = None
 
     async def respond_to_audio(
@@ -253,11 +255,9 @@ class Assistant:
         metrics.total_ms = metrics.elapsed_ms()
         self._record_decoding(metrics)
         logger.info("turn: %s", metrics.summary())
-        if ok:
-            # The reply is complete (and played), so the user is not speaking yet: prefill
-            # the next prompt's opening now rather than after the next question.
-            # Submitted to the executor at once, not as a task: asyncio.run cancels pending
-            # tasks when its coroutine returns, but waits for the executor's threads.
+        if ok and self.prepare_next_turn:
+            # The reply is complete, so the next question is seconds away. The executor,
+            # unlike a task, is waited for when asyncio.run ends.
             prefix = self.llm.next_turn_prefix()
             self._next_turn_prefill = asyncio.get_running_loop().run_in_executor(None, self.llm.prefill, prefix)
             self._next_turn_prefill.add_done_callback(_log_prefill_failure)
@@ -265,11 +265,11 @@ class Assistant:
 
     async def settle(self) -> None:
         """Wait until the work started after the last turn (the next prompt's prefill) is done."""
-        task, self._next_turn_prefill = self._next_turn_prefill, None
-        # The future of an event loop that has closed since is done: that loop waited for its
-        # executor's threads before closing.
-        if task is not None and not task.done():
-            await asyncio.wait([task])
+        pending, self._next_turn_prefill = self._next_turn_prefill, None
+        # The future of an event loop that has closed since is done, because that loop
+        # waited for its executor's threads before closing.
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending])
 
     async def speak(self, text: str, sink: AudioSink) -> float:
         """Speak ``text`` as it is; return the seconds of audio written."""
@@ -292,10 +292,9 @@ class Assistant:
         metrics.accept_counts = list(stats.accept_counts)
 
 
-def _log_prefill_failure(task: asyncio.Future[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        # The next turn prefills its whole prompt instead; nothing else is lost.
-        logger.warning("Prefilling the next turn's prompt failed: %s", task.exception())
+def _log_prefill_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("Prefilling the next turn's prompt failed (%s); the next question prefills its whole prompt", future.exception())
 
 
 async def load_assistant(config: Config, need_asr: bool = True, need_tts: bool = True, speculative: bool | None = None) -> Assistant:

@@ -91,14 +91,14 @@ def test_normalize_peak_caps_gain():
     ("content_frames", "min_frames", "expected"),
     [(300, 1500, 1500), (1400, 1500, 1600), (1550, 1500, 1800), (2900, 1500, 3000), (0, 3000, 3000)],
 )
-def test_encoder_window_covers_the_speech_and_a_margin(content_frames, min_frames, expected):
+def test_encoder_window_frames(content_frames, min_frames, expected):
     from voice.asr.recognizer import encoder_frames
 
     assert encoder_frames(content_frames, min_frames) == expected
 
 
 class _EncodeRecorder:
-    """Stands in front of the CTranslate2 model and records the encoder's input widths."""
+    """Proxy for the CTranslate2 model that records the encoder's input widths."""
 
     def __init__(self, model) -> None:
         self._model = model
@@ -112,7 +112,7 @@ class _EncodeRecorder:
         return getattr(self._model, name)
 
 
-def test_short_question_is_encoded_in_the_shortest_window(recognizer, monkeypatch):
+def test_short_question_uses_shortest_window(recognizer, monkeypatch):
     recorder = _EncodeRecorder(recognizer.model.model)
     monkeypatch.setattr(recognizer.model, "model", recorder)
     transcript = recognizer.transcribe(load_speech(FIXTURES / "en_espeak_tallest_mountain.wav"))

@@ -142,8 +142,8 @@ def _windowed_model_class():
     faster-whisper pads every recording to a 30-second window, and the encoder's cost
     grows with the window. CTranslate2 encodes a shorter window as whisper.cpp's
     audio_ctx does, by using the first positions only. The 23 spoken fixtures were cut by
-    live mode's endpointer after 4 different lead-ins. On 2 Zen 4 cores in float32, their
-    median transcription took 0.82 s with 30 s and 0.42 s with 15 s, and word errors
+    live mode's endpointer after 4 different lead-ins. On 2 Xeon cores in float32, their
+    median greedy transcription took 0.82 s with 30 s and 0.42 s with 15 s, and word errors
     rose from 6.3% to 7.0%. Windows that end right after the speech (a few hundred
     milliseconds of padding) made more errors and once sent the decoder into a
     14-second repetition loop.

@@ -138,7 +138,7 @@ async def _turn(assistant, fixture: Fixture, folder: Path, speculative: bool, re
     if fixture.follows and fixture.follows in references:
         # The question this one follows, as an untimed text turn.
         await assistant.respond_to_text(references[fixture.follows].transcript, None, speculative=speculative)
-        # A user asks the next question seconds later, when the work after the answer is done.
+        # A user asks the next question seconds later, after the next-turn prefill is done.
         await assistant.settle()
     listen = assistant.config.listen
     recording, speech_end, start_ms = turn_audio(load_speech(folder / fixture.file), listen)

@@ -73,9 +73,9 @@ class LanguageModelStage:
         it also times the passes that the choice of k weighs against each other.
         """
         prefix = self.conversation.shared_prefix_ids(self.tokenizer)
-        with self._decoder_lock:
-            self.decoder.prefill(prefix)
-            if self.config.adaptive_draft and self.can_speculate:
+        self.prefill(prefix)
+        if self.config.adaptive_draft and self.can_speculate:
+            with self._decoder_lock:
                 self.decoder.calibrate()
         return len(prefix)
 
