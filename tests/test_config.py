@@ -70,13 +70,14 @@ def test_float_field_accepts_integer(tmp_path):
         ("mqtt:\n  queue_size: -1\n", "mqtt.queue_size must be an integer from 0 to 100"),
         ("mqtt:\n  site_ids: [default, default]\n", "mqtt.site_ids lists 'default' more than once"),
         ("listen:\n  silence_ms: 500\n  early_start_ms: 500\n", "listen.early_start_ms (500) must be below listen.silence_ms (500)"),
+        ("asr:\n  window_s: 31\n", "asr.window_s must be an integer from 1 to 30, got 31"),
     ],
     ids=["unknown-nested", "unknown-top", "wrong-type", "below-range", "bool-for-int", "string-for-bool",
          "bad-choice", "above-range", "vad-range", "section-not-mapping", "top-not-mapping", "bad-yaml", "empty-prompt",
          "negative-temperature", "zero-top-p", "top-p-above-one", "negative-top-k", "unknown-drafter", "unknown-weights", "unknown-target-weights",
          "lookup-range", "stop-not-list", "empty-stop", "no-room-for-prompt", "mqtt-port", "mqtt-wildcard-prefix",
          "mqtt-no-sites", "mqtt-site-slash", "mqtt-missing-ca", "mqtt-empty-client-id", "mqtt-negative-queue",
-         "mqtt-repeated-site", "early-start-not-before-end"],
+         "mqtt-repeated-site", "early-start-not-before-end", "whisper-window-range"],
 )
 def test_invalid_config_names_file_and_key(tmp_path, text, expected):
     path = write(tmp_path, text)
