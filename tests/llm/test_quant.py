@@ -68,11 +68,14 @@ def test_int4_fits_only_supported_shapes():
     # torch's kernel: inputs a multiple of 32, outputs of 16.
     assert Int4Linear.fits(torch.nn.Linear(64, 32))
     assert not Int4Linear.fits(torch.nn.Linear(48, 32))
-    # The native kernels: inputs a multiple of 128, outputs of 4.
-    assert qmatmul.fits(128, 4)
-    assert not qmatmul.fits(64, 4)
-    assert not qmatmul.fits(128, 6)
-    assert Int4Linear.fits(torch.nn.Linear(128, 20)) == qmatmul.available()
+    # The native kernels: inputs a multiple of 128, outputs of 16 (int4) or 4 (int8).
+    assert qmatmul.fits(128, 16, 4)
+    assert not qmatmul.fits(64, 16, 4)
+    assert not qmatmul.fits(128, 20, 4)
+    assert qmatmul.fits(128, 20, 8)
+    assert not qmatmul.fits(128, 6, 8)
+    assert Int4Linear.fits(torch.nn.Linear(128, 48)) == qmatmul.available()
+    assert Int4Linear.fits(torch.nn.Linear(128, 20), kernel="native") is False
     assert not Int4Linear.fits(torch.nn.Linear(64, 24))
 
 

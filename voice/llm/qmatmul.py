@@ -2,10 +2,10 @@
 
 The C kernels quantize each activation row to int16 (one scale per 128 values) and take
 integer dot products with AVX512-VNNI or AVX2, choosing the instruction set at run time.
-They read each block of weights once for all the rows of a call. On 2 Zen 4 cores a
-1-token pass of the int4 1.5B Qwen target took 57 ms against 66 ms with torch's int4
-kernel, and a 5-token verification pass 110 ms against 189 ms (docs/measure_kernels.py). The extension is built at install when
-a C compiler is present. Without it ``available()`` is False and the layers in
+They read each block of weights once for all the rows of a call. The int4 weights are
+stored in tiles of 16 output rows (``pack_int4`` and ``tile_rows``), one row per vector
+lane. docs/measure_kernels.py times the int4 target's passes against torch's int4
+kernel. The extension is built at install when a C compiler is present. Without it ``available()`` is False and the layers in
 ``voice.llm.quant`` use torch's kernels.
 
 Set ``VOICE_NATIVE_KERNELS=0`` to use torch's kernels even when the extension is built,
@@ -32,13 +32,13 @@ logger = logging.getLogger(__name__)
 
 NATIVE_KERNELS_ENV = "VOICE_NATIVE_KERNELS"
 NATIVE_ISA_ENV = "VOICE_NATIVE_ISA"
-# Inputs per int4 sub-scale, inputs per activation scale and int4 block scale, and
-# output rows per block in the C kernels.
+# Inputs per int4 sub-scale, inputs per activation scale and int4 block scale, output
+# rows per int4 tile, and the multiple of output rows the int8 kernel takes.
 GROUP = 32
 BLOCK = 128
-ROW_BLOCK = 4
-# The largest int4 sub-scale. The kernels widen code * sub-scale to int16, and a block's
-# 8 products per 32-bit lane stay below 2^31 up to this value.
+TILE = 16
+INT8_ROW_BLOCK = 4
+# The largest int4 sub-scale: the kernels store sub-scales as uint8.
 MAX_SUB_SCALE = 255
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
@@ -103,9 +103,10 @@ def use_instruction_set(name: str) -> None:
     _extension.set_isa(name)
 
 
-def fits(in_features: int, out_features: int) -> bool:
-    """Return True when the native kernels take a layer of this shape."""
-    return in_features > 0 and in_features % BLOCK == 0 and out_features > 0 and out_features % ROW_BLOCK == 0
+def fits(in_features: int, out_features: int, bits: int) -> bool:
+    """Return True when the native kernel for ``bits`` (4 or 8) takes a layer of this shape."""
+    rows = TILE if bits == 4 else INT8_ROW_BLOCK
+    return in_features > 0 and in_features % BLOCK == 0 and out_features > 0 and out_features % rows == 0
 
 
 def route_threads(model: torch.nn.Module) -> None:
@@ -140,15 +141,18 @@ def route_threads(model: torch.nn.Module) -> None:
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Pack codes (out, in) in 0..15 into the kernel's (out, in / 2) bytes.
+    """Pack codes (out, in) in 0..15 into the kernel's tiled (out, in / 2) bytes.
 
-    Each block of 128 inputs becomes 64 bytes, read as 32 little-endian 16-bit words.
-    Nibble t (bits 4t to 4t+3) of word i is code 32t + i. So masking and shifting the
-    words yields each group of 32 codes in order.
+    Per tile of 16 output rows and group of 32 inputs, 256 bytes are read as 4 loads of
+    32 little-endian 16-bit words. In load L, word w belongs to row w // 2 of the tile,
+    and its nibble t (bits 4t to 4t+3) is the code of input 8L + 2t + w % 2 of the group.
+    So masking and shifting a load's words yields, for each nibble, one input pair of all
+    16 rows.
     """
     rows, columns = codes.shape
-    nibbles = codes.to(torch.int32).reshape(rows, columns // BLOCK, 4, GROUP)
-    words = nibbles[:, :, 0] | (nibbles[:, :, 1] << 4) | (nibbles[:, :, 2] << 8) | (nibbles[:, :, 3] << 12)
+    # (tile, row, group, load, nibble, pair member) -> (tile, group, load, row, pair member, nibble)
+    nibbles = codes.to(torch.int32).reshape(rows // TILE, TILE, columns // GROUP, 4, 4, 2).permute(0, 2, 3, 1, 5, 4)
+    words = nibbles[..., 0] | (nibbles[..., 1] << 4) | (nibbles[..., 2] << 8) | (nibbles[..., 3] << 12)
     low_bytes = (words & 0xFF).to(torch.uint8)
     high_bytes = (words >> 8).to(torch.uint8)
     return torch.stack([low_bytes, high_bytes], dim=-1).reshape(rows, columns // 2).contiguous()
@@ -157,10 +161,23 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Return the codes (out, in) that ``pack_int4`` packed."""
     rows, half = packed.shape
-    pairs = packed.to(torch.int32).reshape(rows, half // (BLOCK // 2), GROUP, 2)
+    pairs = packed.to(torch.int32).reshape(rows // TILE, half * 2 // GROUP, 4, TILE, 2, 2)
     words = pairs[..., 0] | (pairs[..., 1] << 8)
-    nibbles = torch.stack([(words >> (4 * t)) & 0x0F for t in range(4)], dim=2)
-    return nibbles.reshape(rows, half * 2).to(torch.uint8)
+    nibbles = torch.stack([(words >> (4 * t)) & 0x0F for t in range(4)], dim=-1)
+    # (tile, group, load, row, pair member, nibble) -> (tile, row, group, load, nibble, pair member)
+    return nibbles.permute(0, 3, 1, 2, 5, 4).reshape(rows, half * 2).to(torch.uint8)
+
+
+def tile_rows(values: torch.Tensor) -> torch.Tensor:
+    """Reorder per-row values (out, n) into the kernel's tiles: the 16 rows of a tile side by side for each column."""
+    rows, columns = values.shape
+    return values.reshape(rows // TILE, TILE, columns).transpose(1, 2).reshape(rows, columns).contiguous()
+
+
+def untile_rows(values: torch.Tensor) -> torch.Tensor:
+    """Return the per-row values (out, n) that ``tile_rows`` reordered."""
+    rows, columns = values.shape
+    return values.reshape(rows // TILE, columns, TILE).transpose(1, 2).reshape(rows, columns).contiguous()
 
 
 def _run(
@@ -213,8 +230,9 @@ def int4_matmul(
     """Return x @ W.T + bias for W = block_scale * sub_scale * code + min.
 
     - ``codes``: ``pack_int4``'s (out, in / 2) uint8.
-    - ``sub_scales`` (uint8) and ``mins`` (float16): one per group of 32 inputs (out, in / 32).
-    - ``block_scales``: float32, one per 128 inputs (out, in / 128).
+    - ``sub_scales`` (uint8) and ``mins`` (float16): one per group of 32 inputs, (out, in / 32)
+      in ``tile_rows`` order.
+    - ``block_scales``: float32, one per 128 inputs, (out, in / 128) in ``tile_rows`` order.
     - ``bias``: float32 (out) or None.
 
     The output has x's dtype when that is float32 or bfloat16; other dtypes compute in

@@ -45,7 +45,7 @@ INT4_GROUP = 32
 # torch's int4 packing interleaves output rows in blocks of 16.
 _INT4_ROW_BLOCK = 16
 # Bumped when the layout of saved packed weights changes.
-_PACKED_FORMAT = 3
+_PACKED_FORMAT = 4
 
 
 def _flatten(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -53,8 +53,8 @@ def _flatten(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return flat if flat.dtype == dtype else flat.to(dtype)
 
 
-def _default_kernel(in_features: int, out_features: int) -> str:
-    return "native" if qmatmul.available() and qmatmul.fits(in_features, out_features) else "torch"
+def _default_kernel(in_features: int, out_features: int, bits: int) -> str:
+    return "native" if qmatmul.available() and qmatmul.fits(in_features, out_features, bits) else "torch"
 
 
 class _PackedLinear(torch.nn.Module):
@@ -89,7 +89,7 @@ class Int8Linear(_PackedLinear):
     @classmethod
     def from_dense(cls, linear: torch.nn.Linear, dtype: torch.dtype, kernel: str | None = None) -> Int8Linear:
         out_features, in_features = linear.weight.shape
-        kernel = kernel or _default_kernel(in_features, out_features)
+        kernel = kernel or _default_kernel(in_features, out_features, 8)
         weight = linear.weight.detach().float()
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         qweight = torch.round(weight / scales[:, None]).clamp(-127, 127)
@@ -113,8 +113,8 @@ class Int4Linear(_PackedLinear):
 
     Buffers of the native kernel: ``codes`` (``qmatmul.pack_int4``), ``sub_scales``
     uint8 and ``mins`` float16 per group (out, in / 32), ``block_scales`` float32 per 128
-    inputs (out, in / 128) with w = block_scale * sub_scale * code + min, and ``bias``
-    float32. Of torch's ``_weight_int4pack_mm_for_cpu``: ``packed``, ``scales_and_zeros``
+    inputs (out, in / 128), the last three in ``qmatmul.tile_rows`` order, with
+    w = block_scale * sub_scale * code + min, and ``bias`` float32. Of torch's ``_weight_int4pack_mm_for_cpu``: ``packed``, ``scales_and_zeros``
     (in / 32, out, 2) and ``bias`` in the model's dtype.
     """
 
@@ -123,7 +123,7 @@ class Int4Linear(_PackedLinear):
         """Return True when ``kernel`` (by default either) takes the layer's int4 shape."""
         out_features, in_features = linear.weight.shape
         torch_fits = in_features % INT4_GROUP == 0 and out_features % _INT4_ROW_BLOCK == 0
-        native_fits = qmatmul.available() and qmatmul.fits(in_features, out_features)
+        native_fits = qmatmul.available() and qmatmul.fits(in_features, out_features, 4)
         return {"torch": torch_fits, "native": native_fits}.get(kernel, torch_fits or native_fits)
 
     @classmethod
@@ -144,15 +144,15 @@ class Int4Linear(_PackedLinear):
         stores them. Without it the factoring is rounded (``_factor_scales``).
         """
         out_features, in_features = codes.shape
-        kernel = kernel or _default_kernel(in_features, out_features)
+        kernel = kernel or _default_kernel(in_features, out_features, 4)
         if kernel == "native":
             integer_scales, block_scales = sub_scales if sub_scales is not None else _factor_scales(scales)
             buffers = {
                 "codes": qmatmul.pack_int4(codes),
-                "sub_scales": integer_scales.to(torch.uint8).contiguous(),
-                "block_scales": block_scales.float().contiguous(),
+                "sub_scales": qmatmul.tile_rows(integer_scales.to(torch.uint8)),
+                "block_scales": qmatmul.tile_rows(block_scales.float()),
                 # float16 keeps 11 significant bits of each minimum.
-                "mins": (zeros - 8 * scales).to(torch.float16).contiguous(),
+                "mins": qmatmul.tile_rows((zeros - 8 * scales).to(torch.float16)),
                 "bias": None if bias is None else bias.float().contiguous(),
             }
         else:
@@ -167,7 +167,7 @@ class Int4Linear(_PackedLinear):
     def from_dense(cls, linear: torch.nn.Linear, dtype: torch.dtype, kernel: str | None = None) -> Int4Linear:
         """Quantize each group of 32 weights to 16 evenly spaced levels from its minimum up."""
         out_features, in_features = linear.weight.shape
-        kernel = kernel or _default_kernel(in_features, out_features)
+        kernel = kernel or _default_kernel(in_features, out_features, 4)
         weight = linear.weight.detach().float()
         groups = weight.reshape(weight.shape[0], -1, INT4_GROUP)
         low = groups.amin(dim=-1)
@@ -402,7 +402,7 @@ def quantize_model(model: torch.nn.Module, weights: str, gguf: GgufSource | None
                 report.int4_requantized += 1
         else:
             int8_kernel = kernel
-            if kernel == "native" and not qmatmul.fits(module.in_features, module.out_features):
+            if kernel == "native" and not qmatmul.fits(module.in_features, module.out_features, 8):
                 int8_kernel = "torch"  # torch's int8 kernel takes any shape
             replacement = Int8Linear.from_dense(module, dtype, int8_kernel)
             report.int8 += 1
