@@ -128,7 +128,8 @@ def apply_weights(model: PreTrainedModel, weights: str, name: str, source: str, 
     """Quantize ``model`` to ``weights`` (int8 or int4) in place with packed weights kept in ``cache``.
 
     ``name`` is the configured model name: an embedded GGUF model gives its Q4_K codes to
-    the int4 layers as they are.
+    the int4 layers as they are. ``role`` is target or draft, and an int4 draft has every
+    layer that fits in int4, whatever its GGUF format.
     """
     from voice.llm.quant import GgufSource, quantize_with_cache
     from voice.models import embedded_gguf
@@ -138,7 +139,10 @@ def apply_weights(model: PreTrainedModel, weights: str, name: str, source: str, 
     from voice.llm import qmatmul
     from voice.llm.quant import uses_native_kernels
 
-    report = quantize_with_cache(model, weights, source, cache, gguf)
+    # The draft's Q5_0 and Q6_K tensors become int4 as well: a draft only proposes, so
+    # fewer bytes per step count for more than its last bits.
+    other_formats = "int4" if role == "draft" else "int8"
+    report = quantize_with_cache(model, weights, source, cache, gguf, other_formats)
     logger.info("%s weights %s: %s", role.capitalize(), weights, report.describe())
     if uses_native_kernels(model) and not qmatmul.SHARES_TORCH_THREADS:
         qmatmul.route_threads(model)

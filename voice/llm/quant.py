@@ -364,17 +364,22 @@ def _matches_dense(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     return (rebuilt.reshape(reference.shape) - reference).abs().amax().item() <= tolerance
 
 
-def quantize_model(model: torch.nn.Module, weights: str, gguf: GgufSource | None = None, kernel: str | None = None) -> QuantizeReport:
+def quantize_model(
+    model: torch.nn.Module, weights: str, gguf: GgufSource | None = None, kernel: str | None = None, other_formats: str = "int8"
+) -> QuantizeReport:
     """Replace the model's linear layers with ``weights`` (int8 or int4) layers in place.
 
-    With ``gguf``, int4 layers stored as Q4_K there keep their codes exactly; layers the
-    int4 kernel cannot take, and int4 layers stored in other GGUF formats (Q6_K, Q5_0 ...),
-    become int8 from the dense weights: int8 keeps their 5 to 6 bits with little loss.
+    With ``gguf``, int4 layers stored as Q4_K there keep their codes exactly. Layers the
+    int4 kernel cannot take become int8 from the dense weights. So do int4 layers stored
+    in other GGUF formats (Q6_K, Q5_0 ...) unless ``other_formats`` is int4: int8 keeps
+    their 5 to 6 bits with little loss, and int4 reads fewer bytes, which suits a draft.
     Embeddings and norms stay dense. ``kernel`` (native or torch) overrides the default
     kernel, the native one wherever it is built and fits.
     """
     if weights not in ("int8", "int4"):
         raise ValueError(f"weights must be int8 or int4, got {weights!r}")
+    if other_formats not in ("int8", "int4"):
+        raise ValueError(f"other_formats must be int8 or int4, got {other_formats!r}")
     started = time.perf_counter()
     dtype = model.dtype
     report = QuantizeReport(weights)
@@ -384,7 +389,7 @@ def quantize_model(model: torch.nn.Module, weights: str, gguf: GgufSource | None
             continue
         replacement: torch.nn.Module
         from_gguf = name in q4_k and q4_k[name][1:] == tuple(module.weight.shape)
-        if weights == "int4" and Int4Linear.fits(module, kernel) and (gguf is None or from_gguf):
+        if weights == "int4" and Int4Linear.fits(module, kernel) and (gguf is None or from_gguf or other_formats == "int4"):
             if from_gguf:
                 blocks, out_features, in_features = q4_k[name]
                 codes, scales, zeros = gguf_q4_k_codes(blocks, out_features, in_features)
@@ -420,9 +425,12 @@ class PackedWeightCache:
     draft output layer cut to a smaller vocabulary) is quantized again at load.
     """
 
-    def __init__(self, cache_dir: Path, source: str, weights: str, dtype: torch.dtype, from_gguf: bool = False) -> None:
+    def __init__(
+        self, cache_dir: Path, source: str, weights: str, dtype: torch.dtype, from_gguf: bool = False, other_formats: str = "int8"
+    ) -> None:
         self.weights = weights
         self.dtype = dtype
+        self.other_formats = other_formats
         key = {
             "source": str(Path(source).resolve()) if Path(source).exists() else source,
             "files": _weight_files_signature(source),
@@ -431,6 +439,7 @@ class PackedWeightCache:
             "torch": torch.__version__,
             "format": _PACKED_FORMAT,
             "gguf": from_gguf,
+            "other_formats": other_formats,
             "native_kernels": qmatmul.available(),
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -466,7 +475,7 @@ class PackedWeightCache:
                 _replace(model, name, layer)
         # Layers not in the file (or of another shape) are packed now.
         if any(isinstance(module, torch.nn.Linear) for module in _linear_layers(model).values()):
-            rest = quantize_model(model, self.weights)
+            rest = quantize_model(model, self.weights, other_formats=self.other_formats)
             report.int4_requantized += rest.int4_requantized
             report.int8 += rest.int8
         report.seconds = time.perf_counter() - started
@@ -511,14 +520,17 @@ def _weight_files_signature(source: str) -> list:
 
 
 def quantize_with_cache(
-    model: torch.nn.Module, weights: str, source: str, cache_dir: Path, gguf: GgufSource | None = None
+    model: torch.nn.Module, weights: str, source: str, cache_dir: Path, gguf: GgufSource | None = None, other_formats: str = "int8"
 ) -> QuantizeReport:
-    """Quantize ``model`` (loaded from ``source``) to ``weights``, loading or saving packed layers in ``cache_dir``."""
-    cache = PackedWeightCache(cache_dir, source, weights, model.dtype, gguf is not None)
+    """Quantize ``model`` (loaded from ``source``) to ``weights``, loading or saving packed layers in ``cache_dir``.
+
+    ``gguf`` and ``other_formats`` are as in ``quantize_model``.
+    """
+    cache = PackedWeightCache(cache_dir, source, weights, model.dtype, gguf is not None, other_formats)
     report = cache.load_into(model)
     if report is not None:
         return report
     logger.info("Packing %s weights as %s once (up to a minute); later starts load them from %s", Path(source).name, weights, cache.path.parent)
-    report = quantize_model(model, weights, gguf)
+    report = quantize_model(model, weights, gguf, other_formats=other_formats)
     cache.save(model, report.exact_layers)
     return report
