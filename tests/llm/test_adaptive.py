@@ -129,3 +129,14 @@ def test_adaptive_decoder_equals_plain_greedy(noise):
         output = [token for step in decoder.generate(prompt, 40) for token in step]
         expected = [token for step in plain.generate(prompt, 40, speculative=False) for token in step]
         assert output == expected
+
+
+def test_catch_up_cost_per_token():
+    controller = controller_with([(2, 1)] * 10, single=0.075, full=0.1, draft=0.02)
+    # Catch-ups of 1 to 3 tokens add too little to a draft pass to teach a cost per token.
+    for tokens in (1, 2, 3):
+        controller.record_catch_up(tokens, 0.004)
+    assert controller.catch_up_token_s.value is None
+    controller.record_catch_up(40, 0.12)
+    assert controller.catch_up_seconds(40) == pytest.approx(0.12)
+    assert controller.catch_up_seconds(10) == pytest.approx(0.03)

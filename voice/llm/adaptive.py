@@ -8,8 +8,8 @@ controller picks the k with the most expected tokens per second, and k = 0 (a pl
 target pass) when no drafting pays, so speculation does not fall far below plain decoding
 when the draft agrees poorly with the target.
 
-A draft model must also catch up on a new question before its first proposal: one pass
-over every token it has not seen. On a short answer that pass can cost more than
+A draft model must also catch up on a new question before its first proposal: its first
+pass feeds every token it has not seen. On a short answer that catch-up can cost more than
 drafting saves (with an int4 target on 2 Zen 4 cores, a 7-token answer took 0.88 s
 with drafting against 0.74 s without). So the first drafting step of an answer also
 needs the expected saving over the rest of the answer, judged from the lengths of
@@ -29,13 +29,16 @@ _PRIOR_ACCEPTED = 1.2
 _PRIOR_REJECTED = 0.8
 _FIRST_PROBE_INTERVAL = 4
 _MAX_PROBE_INTERVAL = 64
+# Catch-ups shorter than this add too little time to a draft pass to measure its cost
+# per token.
+_CATCH_UP_MIN_TOKENS = 4
 # Acceptance a probe hopes to find. A probe that would first have to pay a catch-up pass
 # runs only if drafting at this acceptance would repay that pass over the rest of the answer.
 _HOPED_ACCEPTANCE = 0.8
 
 
 @dataclass
-class _Average:
+class RunningAverage:
     """Exponentially weighted mean of a measured duration in seconds."""
 
     value: float | None = None
@@ -59,17 +62,17 @@ class DraftLengthController:
             raise ValueError(f"max draft tokens must be at least 1, got {max_tokens}")
         self.max_tokens = max_tokens
         self.adaptive = adaptive
-        self.verify_s = [_Average() for _ in range(max_tokens + 2)]
+        self.verify_s = [RunningAverage() for _ in range(max_tokens + 2)]
         """verify_s[n]: seconds of a target pass over n new tokens (index 0 unused)."""
-        self.draft_s = _Average()
+        self.draft_s = RunningAverage()
         """Seconds per proposed draft token."""
         self.accepted = _PRIOR_ACCEPTED
         self.rejected = _PRIOR_REJECTED
         self.skipped = 0
         self.probe_interval = _FIRST_PROBE_INTERVAL
-        self.catch_up_s = _Average()
-        """Seconds per token of the draft's catch-up pass."""
-        self.answer_tokens = _Average()
+        self.catch_up_token_s = RunningAverage()
+        """Seconds per unseen token that a catch-up adds to the draft's first pass."""
+        self.answer_tokens = RunningAverage()
         """Length of recent answers in tokens."""
 
     @property
@@ -121,17 +124,21 @@ class DraftLengthController:
 
     def _catch_up_pays(self, unseen: int, generated: int, remaining: int, plain_rate: float, best_rate: float) -> bool:
         """Return True when drafting for the rest of the answer saves more than the catch-up costs."""
-        if unseen <= 1 or self.catch_up_s.value is None or self.answer_tokens.value is None:
+        if unseen <= 1 or self.catch_up_token_s.value is None or self.answer_tokens.value is None:
             return True  # nothing to catch up on, or nothing measured yet: try drafting
         # An answer already longer than usual is taken to go on about as long again.
         expected_left = min(remaining, max(1.0, self.answer_tokens.value - generated, generated))
         saving = expected_left * (1 / plain_rate - 1 / best_rate)
-        return saving > unseen * self.catch_up_s.value
+        return saving > self.catch_up_seconds(unseen)
+
+    def catch_up_seconds(self, tokens: int) -> float:
+        """Estimate what catching up on ``tokens`` unseen tokens adds to the draft's first pass."""
+        return tokens * (self.catch_up_token_s.value or 0.0)
 
     def record_catch_up(self, tokens: int, seconds: float) -> None:
-        """Record a drafter's catch-up pass over ``tokens`` tokens."""
-        if tokens > 0:
-            self.catch_up_s.add(seconds / tokens, decay=0.5)
+        """Record a catch-up over ``tokens`` tokens that added ``seconds`` to a draft pass."""
+        if tokens >= _CATCH_UP_MIN_TOKENS:
+            self.catch_up_token_s.add(seconds / tokens, decay=0.5)
 
     def record_answer(self, tokens: int) -> None:
         """Record the length of a finished answer."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from voice.llm.adaptive import RunningAverage
 from voice.llm.cache import TokenCache
 from voice.llm.sampling import Sampling, distribution
 
@@ -113,6 +114,8 @@ class ModelDrafter(Drafter):
         self.cache = TokenCache(model)
         self.threads = threads
         self.min_confidence = min_confidence
+        self._single_pass = RunningAverage()
+        """Seconds of a 1-token draft pass."""
         # Width of the probability rows handed to the acceptance test: the draft's full
         # output layer, which the loader checks against the target's.
         # Quantized output layers (dynamic int8, packed int8 and int4) have no weight tensor.
@@ -145,19 +148,20 @@ class ModelDrafter(Drafter):
         # Normally a no-op after observe(); it also keeps a call with other ids correct.
         self.cache.reuse_prefix(ids)
         pending = ids[len(self.cache) :]
-        catch_up_seconds = 0.0
+        # Tokens the draft has not seen go into the first draft pass with the last one. They
+        # are the new prompt, the target's token after a fully accepted proposal, or tokens
+        # decoded while drafting was off. Such a pass costs little more than a 1-token pass.
         catch_up_tokens = max(0, len(pending) - 1)
+        first_pass_s = 0.0
         with _torch_threads(self.threads):
-            if len(pending) > 1:
-                # Tokens the draft has not seen (the new prompt, or tokens decoded while
-                # drafting was off) go in one pass that is timed apart: it is not the
-                # cost of a draft token.
-                started = time.perf_counter()
-                forward_logits(self.cache, pending[:-1], logits_to_keep=1)
-                catch_up_seconds = time.perf_counter() - started
-                pending = pending[-1:]
             while len(tokens) < k:
+                started = time.perf_counter()
                 logits = forward_logits(self.cache, pending, logits_to_keep=1)[-1]
+                elapsed = time.perf_counter() - started
+                if len(pending) == 1:
+                    self._single_pass.add(elapsed)
+                else:
+                    first_pass_s = elapsed
                 if sampling.greedy:
                     index = int(logits.argmax())
                     confidence = float(logits.softmax(dim=-1)[index]) if self.min_confidence else 1.0
@@ -173,6 +177,8 @@ class ModelDrafter(Drafter):
                 # would follow it: stop drafting after it.
                 if confidence < self.min_confidence:
                     break
+        # The first pass's time beyond a 1-token pass is the catch-up's, not a draft token's.
+        catch_up_seconds = max(0.0, first_pass_s - (self._single_pass.value or 0.0)) if catch_up_tokens else 0.0
         return Proposal(tokens, torch.stack(rows) if rows else None, catch_up_seconds=catch_up_seconds, catch_up_tokens=catch_up_tokens)
 
     def observe(self, ids: list[int], target_output=None, row: int = -1) -> None:
