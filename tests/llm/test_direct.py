@@ -28,7 +28,7 @@ def tiny_llama(seed: int) -> LlamaForCausalLM:
 
 
 def native_sized_qwen2(seed: int) -> Qwen2ForCausalLM:
-    """A Qwen2 model whose layers the native kernels take: inputs a multiple of 128, outputs of 4."""
+    """A Qwen2 model whose layers the native kernels take: inputs a multiple of 128, outputs of 16."""
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -82,6 +82,22 @@ def test_fused_quantized_projections_match_separate_ones(weights):
         assert now.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
     # transformers' pass runs the separate layers, the direct pass the fused ones.
     assert_same_logits_as_transformers(model, atol=1e-3)
+
+
+@pytest.mark.skipif(not qmatmul.available(), reason="native kernels not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_verification_pass_bit_identical_to_single_tokens(weights, dtype):
+    model = native_sized_qwen2(11).to(dtype)
+    quantize_model(model, weights)
+    forward = DirectForward(model)
+    buffer = forward.new_buffer()
+    forward(list(range(5, 40)), buffer, 1)
+    ids = [8, 9, 10, 11, 12]
+    verified = forward(ids, buffer, len(ids))
+    buffer.crop(-len(ids))
+    singles = torch.cat([forward([token], buffer, 1) for token in ids])
+    assert torch.equal(verified, singles)
 
 
 def test_buffer_grows_and_keeps_positions():
