@@ -55,7 +55,7 @@ def test_float_field_accepts_integer(tmp_path):
         ("llm:\n  top_p: 1.5\n", "llm.top_p must be a number from 0.0 to 1.0, got 1.5"),
         ("llm:\n  top_k: -1\n", "llm.top_k must be an integer from 0"),
         ("llm:\n  drafter: medusa\n", "llm.drafter must be one of 'model', 'prompt_lookup', 'gemma4_assistant'"),
-        ("llm:\n  draft_weights: int2\n", "llm.draft_weights must be one of 'dense', 'int8', 'int4'"),
+        ("llm:\n  draft_weights: int2\n", "llm.draft_weights must be one of 'auto', 'dense', 'int8', 'int4'"),
         ("llm:\n  target_weights: fp8\n", "llm.target_weights must be one of 'auto', 'dense', 'int8', 'int4'"),
         ("llm:\n  lookup_min_ngram: 4\n  lookup_max_ngram: 2\n", "llm.lookup_min_ngram (4) is above llm.lookup_max_ngram (2)"),
         ("llm:\n  stop_strings: 'User:'\n", "llm.stop_strings must be a list of non-empty strings"),

@@ -114,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--prompts", type=int, metavar="N", help="use N prompts spread over the categories (default: all)")
     llm.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="token limit per answer (default: 64)")
     llm.add_argument("--modes", metavar="LIST", help="comma-separated modes (default: all): " + ", ".join(ALL_MODES))
-    llm.add_argument("--draft-vocab", type=int, metavar="N", help="output tokens of the draft-int8-vocab mode (default: llm.draft_vocab, or 32768 where that is 0)")
+    llm.add_argument(
+        "--draft-vocab", type=int, metavar="N",
+        help="output tokens of the draft-int8-vocab and draft-int4-vocab modes (default: llm.draft_vocab, or 32768 where that is 0)",
+    )
     llm.add_argument(
         "--weights",
         default="dense,int8,int4",
@@ -320,7 +323,7 @@ async def _prepare(config: Config, args: argparse.Namespace) -> int:
         tokenizer = await asyncio.to_thread(load_tokenizer, target, is_hub, config.allow_download)
         ids = await asyncio.to_thread(draft_vocabulary, config.llm, tokenizer, config.llm.draft_vocab, cache)
         print(f"draft vocabulary: {len(ids)} most frequent tokens", flush=True)
-    from voice.llm.loading import apply_weights, load_models, resolve_dtype, resolve_target_weights
+    from voice.llm.loading import apply_weights, build_drafter, load_models, resolve_draft_weights, resolve_dtype, resolve_target_weights
 
     # Packing quantized weights takes about a minute the first time; doing it here keeps
     # the first `voice listen` or `voice mqtt` start fast.
@@ -331,6 +334,13 @@ async def _prepare(config: Config, args: argparse.Namespace) -> int:
         source = locations["target"][0]
         await asyncio.to_thread(apply_weights, loaded.target_model, weights, config.llm.target, source, cache, "target")
         print(f"target weights: {weights}, packed in {cache / 'packed'}", flush=True)
+    draft_weights = resolve_draft_weights(config.llm.draft_weights)
+    if config.llm.speculative and config.llm.drafter == "model" and draft_weights == "int4":
+        # The draft's packed layers, built as the assistant builds its drafter: with the
+        # output layer cut to the draft vocabulary first.
+        loaded = await asyncio.to_thread(load_models, locations["target"], locations["draft"], dtype, config.allow_download)
+        await asyncio.to_thread(build_drafter, config.llm, loaded, cache)
+        print(f"draft weights: {draft_weights}, packed in {cache / 'packed'}", flush=True)
     return 0
 
 
@@ -383,13 +393,13 @@ async def _bench(config: Config, args: argparse.Namespace) -> int:
 
     cache = models.cache_root(config.cache_dir)
     quantized = any(name != "dense" for name in weights)
-    needs_draft = quantized or any(mode in ("draft", "draft-int8-vocab", "transformers-assisted") for mode in modes)
+    needs_draft = quantized or any(mode in ("draft", "draft-int8-vocab", "draft-int4-vocab", "transformers-assisted") for mode in modes)
     target = await asyncio.to_thread(models.resolve_llm, config.llm.target, cache, config.allow_download, "llm.target")
     draft = await asyncio.to_thread(models.resolve_llm, config.llm.draft, cache, config.allow_download, "llm.draft") if needs_draft else None
     dtype = resolve_dtype(config.llm.dtype)
     loaded = await asyncio.to_thread(load_models, target, draft, dtype, config.allow_download)
     vocab_ids = None
-    if "draft-int8-vocab" in modes or (quantized and config.llm.draft_vocab):
+    if "draft-int8-vocab" in modes or "draft-int4-vocab" in modes or (quantized and config.llm.draft_vocab):
         size = args.draft_vocab or config.llm.draft_vocab or 32768
         vocab_ids = await asyncio.to_thread(draft_vocabulary, config.llm, loaded.tokenizer, size, cache)
     llamacpp_setup = None
@@ -497,7 +507,7 @@ async def _bench_voice(config: Config, args: argparse.Namespace) -> int:
         "drafter": llm.drafter,
         "draft_tokens": llm.draft_tokens,
         "adaptive_draft": llm.adaptive_draft,
-        "draft_weights": llm.draft_weights,
+        "draft_weights": resolve_draft_weights(llm.draft_weights),
         "draft_vocab": llm.draft_vocab,
         "asr": config.asr.model,
         "voice": config.tts.voice,

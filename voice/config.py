@@ -85,9 +85,10 @@ class LlmConfig:
     draft_vocab: int = field(default=32768, metadata={"range": (0, 1_000_000)})
     """Tokens the draft model scores in its output layer, most frequent first; 0 scores
     the whole vocabulary."""
-    draft_weights: Literal["dense", "int8", "int4"] = "int8"
+    draft_weights: Literal["auto", "dense", "int8", "int4"] = "auto"
     """int8: the draft runs in float32 with int8 linear weights (torch dynamic quantization);
-    int4: 4-bit weights in groups of 32, activations in ``dtype``."""
+    int4: 4-bit weights in groups of 32 in every layer, activations in ``dtype``; auto is
+    int4 where voice's native kernels run and int8 elsewhere."""
     target_weights: Literal["auto", "dense", "int8", "int4"] = "auto"
     """Weights of the target's linear layers: dense (``dtype``), int8 (one scale per row) or
     int4 (groups of 32; an embedded GGUF model keeps its Q4_K codes); auto is int4 where

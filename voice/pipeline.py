@@ -304,7 +304,7 @@ async def load_assistant(config: Config, need_asr: bool = True, need_tts: bool =
     a missing package fails in seconds rather than after a minute of loading.
     """
     from voice import models
-    from voice.llm.loading import load_models, resolve_dtype
+    from voice.llm.loading import load_models, resolve_draft_weights, resolve_dtype
 
     started = time.monotonic()
     cache = models.cache_root(config.cache_dir)
@@ -318,7 +318,7 @@ async def load_assistant(config: Config, need_asr: bool = True, need_tts: bool =
     voice_path = await asyncio.to_thread(models.resolve_piper, config.tts.voice, cache) if need_tts else None
 
     dtype = resolve_dtype(config.llm.dtype)
-    int8_draft = llm_config.drafter == "model" and llm_config.draft_weights == "int8"
+    int8_draft = llm_config.drafter == "model" and resolve_draft_weights(llm_config.draft_weights) == "int8"
     draft_dtype = torch.float32 if int8_draft else dtype
     draft_has_tokenizer = llm_config.drafter != "gemma4_assistant"
     llm_task = asyncio.to_thread(load_models, target, draft, dtype, config.allow_download, draft_dtype, draft_has_tokenizer)

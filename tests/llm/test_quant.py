@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -247,3 +249,30 @@ def test_target_weights_auto(setting, dtype, native, expected, monkeypatch):
     if not native:
         monkeypatch.setenv(qmatmul.NATIVE_KERNELS_ENV, "0")
     assert resolve_target_weights(setting, dtype) == expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "native", "expected"),
+    [("auto", True, "int4"), ("auto", False, "int8"), ("int8", True, "int8"), ("dense", True, "dense")],
+)
+def test_draft_weights_auto(setting, native, expected, monkeypatch):
+    from voice.llm.loading import resolve_draft_weights
+
+    if native and qmatmul.instruction_set() in ("none", "scalar"):
+        pytest.skip("no fast native kernel on this CPU")
+    if not native:
+        monkeypatch.setenv(qmatmul.NATIVE_KERNELS_ENV, "0")
+    assert resolve_draft_weights(setting) == expected
+
+
+def test_int4_draft_packs_other_gguf_formats_as_int4(tmp_path):
+    # One layer is stored as Q4_K: the target packs the others as int8, a draft as int4.
+    target, path, _ = tiny_with_gguf_layer(tmp_path, seed=71)
+    draft = copy.deepcopy(target)
+    target_report = quantize_model(target, "int4", GgufSource(path))
+    draft_report = quantize_model(draft, "int4", GgufSource(path), other_formats="int4")
+    assert target_report.int4_from_gguf == 1
+    assert draft_report.int4_from_gguf == 1
+    assert target_report.int8 > 0
+    assert draft_report.int4_requantized == target_report.int8
+    assert draft_report.int8 == 0

@@ -4,7 +4,7 @@ The mode names live here, free of torch imports, so the command line can check t
 before any model loads.
 """
 
-OUR_MODES = ("plain", "draft", "draft-int8-vocab", "lookup")
+OUR_MODES = ("plain", "draft", "draft-int8-vocab", "draft-int4-vocab", "lookup")
 TRANSFORMERS_MODES = ("transformers-assisted", "transformers-lookup")
 ALL_MODES = OUR_MODES + TRANSFORMERS_MODES
 LLAMACPP_MODES = ("llamacpp-plain", "llamacpp-speculative")

@@ -11,6 +11,8 @@ Modes (all greedy, on the same target model object):
 - ``draft``: our decoder with the dense float draft model and its full vocabulary;
 - ``draft-int8-vocab``: the draft with int8 linear layers and a frequency-ranked output
   vocabulary (``--draft-vocab`` tokens);
+- ``draft-int4-vocab``: the same with int4 linear layers in every layer (the native
+  kernels, activations in the model's dtype);
 - ``lookup``: our decoder with prompt lookup;
 - ``transformers-assisted``: ``generate(assistant_model=draft)`` with transformers' defaults;
 - ``transformers-lookup``: ``generate(prompt_lookup_num_tokens=...)``;
@@ -48,7 +50,8 @@ from voice.bench.transformers_baselines import current_rss_bytes, peak_rss_bytes
 from voice.config import Config
 from voice.llm.conversation import Conversation
 from voice.llm.drafters import ModelDrafter, PromptLookupDrafter, quantize_linear_int8
-from voice.llm.loading import LoadedModels, apply_weights, eos_token_ids, quantize_draft
+from voice.llm.loading import LoadedModels, apply_weights, eos_token_ids, quantize_draft, resolve_draft_weights
+from voice.llm.quant import quantize_model
 from voice.llm.speculative import SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
@@ -177,11 +180,15 @@ def build_modes(
         if name == "plain":
             decoder = SpeculativeDecoder(models.target_model, None, eos)
             mode = _our_mode(name, decoder, False, system_ids)
-        elif name in ("draft", "draft-int8-vocab", "lookup"):
+        elif name in ("draft", "draft-int8-vocab", "draft-int4-vocab", "lookup"):
             if name == "lookup":
                 drafter = PromptLookupDrafter(lookup_max_ngram)
             elif name == "draft":
                 drafter = ModelDrafter(models.draft_model, min_confidence=min_confidence)
+            elif name == "draft-int4-vocab":
+                draft_copy = copy.deepcopy(models.draft_model)
+                drafter = ModelDrafter(draft_copy, draft_vocab_ids, min_confidence=min_confidence)
+                quantize_model(draft_copy, "int4", other_formats="int4")
             else:
                 # int8 drafts run in float32, as the assistant loads them.
                 draft_copy = copy.deepcopy(models.draft_model).float()
@@ -246,7 +253,7 @@ def build_weight_modes(
     if models.draft_model is not None:
         before = current_rss_bytes()
         draft = copy.deepcopy(models.draft_model)
-        if config.llm.draft_weights == "int8":
+        if resolve_draft_weights(config.llm.draft_weights) == "int8":
             draft = draft.float()  # as the assistant loads an int8 draft
         drafter = ModelDrafter(draft, draft_vocab_ids, config.llm.draft_threads, config.llm.draft_min_confidence)
         quantize_draft(draft, config.llm, models.draft_source, cache)
@@ -348,7 +355,7 @@ def run_benchmark(
         "lookup_max_ngram": config.llm.lookup_max_ngram,
         "draft_min_confidence": config.llm.draft_min_confidence,
         "weights": list(weights),
-        "draft_weights": config.llm.draft_weights,
+        "draft_weights": resolve_draft_weights(config.llm.draft_weights),
         "llamacpp_programs": {key: str(path) for key, path in (llamacpp_setup[0] if llamacpp_setup else {}).items()},
         "target": config.llm.target,
         "draft": config.llm.draft,
