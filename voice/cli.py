@@ -500,22 +500,7 @@ async def _bench_voice(config: Config, args: argparse.Namespace) -> int:
     if not assistant.llm.can_speculate:
         raise ConfigError("voice bench voice compares speculation on and off; set llm.speculative: true")
     print(f"Benchmarking {len(fixtures)} spoken fixtures, speculation on and off, interleaved", flush=True)
-    llm = config.llm
-    settings = {
-        "target": llm.target,
-        "draft": llm.draft if llm.drafter != "prompt_lookup" else "-",
-        "drafter": llm.drafter,
-        "draft_tokens": llm.draft_tokens,
-        "adaptive_draft": llm.adaptive_draft,
-        "draft_weights": resolve_draft_weights(llm.draft_weights),
-        "draft_vocab": llm.draft_vocab,
-        "asr": config.asr.model,
-        "voice": config.tts.voice,
-        "first_chunk_min_words": config.tts.first_chunk_min_words,
-        "first_chunk_at_phrase": config.tts.first_chunk_at_phrase,
-        "silence_ms": config.listen.silence_ms,
-        "early_start_ms": config.listen.early_start_ms,
-    }
+    settings = bench_voice.settings_of(config)
     command = "voice bench voice" + (f" --limit {args.limit}" if args.limit else "")
     with tempfile.TemporaryDirectory() as replies:
         progress = bench_voice.progress_bar(2 * len(fixtures))

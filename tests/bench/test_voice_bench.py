@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import FIXTURES
 from voice.audio.wav import load_speech
 from voice.bench import voice as bench_voice
-from voice.config import ListenConfig
+from voice.config import Config, ListenConfig
 from voice.cli import main
 
 
@@ -56,6 +56,12 @@ def test_manifest_lists_spoken_fixtures_only():
 def test_missing_fixture_folder_fails_before_loading_models(tmp_path, capsys):
     assert main(["bench", "voice", "--fixtures", str(tmp_path / "nowhere")]) == 4
     assert "--fixtures" in capsys.readouterr().err
+
+
+def test_settings_resolve_auto_draft_weights():
+    settings = bench_voice.settings_of(Config())
+    assert settings["draft_weights"] in ("int4", "int8")
+    assert settings["target"] == Config().llm.target
 
 
 @pytest.mark.slow

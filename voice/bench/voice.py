@@ -37,7 +37,7 @@ from voice.audio.vad import SAMPLE_RATE
 from voice.audio.wav import load_speech
 from voice.bench.machine import PACKAGES, machine_description
 from voice.bench.wer import word_error_rate, word_errors
-from voice.config import ListenConfig
+from voice.config import Config, ListenConfig
 from voice.errors import AudioInputError
 from voice.pipeline import Hold
 
@@ -252,6 +252,28 @@ def typical_turn(turns: list[VoiceTurn]) -> VoiceTurn | None:
         return None
     median = statistics.median(turn.first_audio_ms for turn in spoken)
     return min(spoken, key=lambda turn: abs(turn.first_audio_ms - median))
+
+
+def settings_of(config: Config) -> dict[str, Any]:
+    """Return the settings a voice benchmark report records, with ``auto`` resolved."""
+    from voice.llm.loading import resolve_draft_weights
+
+    llm = config.llm
+    return {
+        "target": llm.target,
+        "draft": llm.draft if llm.drafter != "prompt_lookup" else "-",
+        "drafter": llm.drafter,
+        "draft_tokens": llm.draft_tokens,
+        "adaptive_draft": llm.adaptive_draft,
+        "draft_weights": resolve_draft_weights(llm.draft_weights),
+        "draft_vocab": llm.draft_vocab,
+        "asr": config.asr.model,
+        "voice": config.tts.voice,
+        "first_chunk_min_words": config.tts.first_chunk_min_words,
+        "first_chunk_at_phrase": config.tts.first_chunk_at_phrase,
+        "silence_ms": config.listen.silence_ms,
+        "early_start_ms": config.listen.early_start_ms,
+    }
 
 
 def build_report(turns: list[VoiceTurn], settings: dict[str, Any], command: str) -> dict[str, Any]:
