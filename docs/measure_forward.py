@@ -4,17 +4,19 @@ Run from the repository root with the models in the cache (about 3 minutes):
 
     .venv/bin/python docs/measure_forward.py
 
-Loads the embedded target and draft as the default configuration runs them. The target
-has int4 weights (the GGUF Q4_K codes, Q6_K tensors as int8) and computes in bfloat16
-where the CPU has fast bfloat16, else float32. The draft computes in float32 with int8
-weights (torch's dynamic quantization). Each pass feeds 1 or 5 tokens after a 60-token context, as decoding and a
-verification pass of 4 drafts do. transformers and the direct pass alternate pass by
+Loads the embedded target and draft. The target has int4 weights (the GGUF Q4_K codes,
+Q6_K tensors as int8) and computes in bfloat16 where the CPU has fast bfloat16, else
+float32. The draft computes in float32, once with int8 weights (torch's dynamic
+quantization) and once with int4 weights in every layer (the native kernels), both with
+the full output layer. Each pass feeds 1 or 5 tokens after a 60-token context, as
+decoding and a verification pass of 4 drafts do. transformers and the direct pass alternate pass by
 pass on the same weights, and the script prints the median of each in milliseconds and
 the largest difference between their logits.
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -39,8 +41,10 @@ def load() -> dict[str, torch.nn.Module]:
     target = load_models(models.resolve_llm(TARGET, cache), None, resolve_dtype("auto"), allow_download=False).target_model
     quantize_model(target, "int4", GgufSource(models.embedded_gguf(TARGET, cache)))
     draft = load_models(models.resolve_llm(DRAFT, cache), None, torch.float32, allow_download=False).target_model
+    draft_int4 = copy.deepcopy(draft)
     quantize_linear_int8(draft)
-    return {"target int4": target, "draft int8": draft}
+    quantize_model(draft_int4, "int4", other_formats="int4")
+    return {"target int4": target, "draft int8": draft, "draft int4": draft_int4}
 
 
 def main() -> None:
