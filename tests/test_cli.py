@@ -261,6 +261,11 @@ def test_prepare_packs_quantized_target_weights(tmp_path):
     result = run_voice("--config", str(config), "prepare")
     assert result.returncode == 0, result.stderr
     assert "target weights: int8, packed in" in result.stdout
+    from voice.llm.loading import resolve_draft_weights
+
+    # llm.draft_weights is auto: int4, packed too, where the native kernels run.
+    if resolve_draft_weights("auto") == "int4":
+        assert "draft weights: int4, packed in" in result.stdout
     packed = list((models.cache_root() / "packed").glob("qwen2.5-coder-1.5b-instruct-int8-float32-*.safetensors"))
     assert packed and packed[0].stat().st_size > 1_000_000_000  # 1.5B one-byte weights
     # A second start loads them instead of packing again.

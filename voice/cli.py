@@ -323,7 +323,7 @@ async def _prepare(config: Config, args: argparse.Namespace) -> int:
         tokenizer = await asyncio.to_thread(load_tokenizer, target, is_hub, config.allow_download)
         ids = await asyncio.to_thread(draft_vocabulary, config.llm, tokenizer, config.llm.draft_vocab, cache)
         print(f"draft vocabulary: {len(ids)} most frequent tokens", flush=True)
-    from voice.llm.loading import apply_weights, build_drafter, load_models, resolve_draft_weights, resolve_dtype, resolve_target_weights
+    from voice.llm.loading import apply_weights, load_models, pack_draft_weights, resolve_draft_weights, resolve_dtype, resolve_target_weights
 
     # Packing quantized weights takes about a minute the first time; doing it here keeps
     # the first `voice listen` or `voice mqtt` start fast.
@@ -334,12 +334,10 @@ async def _prepare(config: Config, args: argparse.Namespace) -> int:
         source = locations["target"][0]
         await asyncio.to_thread(apply_weights, loaded.target_model, weights, config.llm.target, source, cache, "target")
         print(f"target weights: {weights}, packed in {cache / 'packed'}", flush=True)
+        del loaded  # before the draft loads: a float32 target takes about 6 GB
     draft_weights = resolve_draft_weights(config.llm.draft_weights)
     if config.llm.speculative and config.llm.drafter == "model" and draft_weights == "int4":
-        # The draft's packed layers, built as the assistant builds its drafter: with the
-        # output layer cut to the draft vocabulary first.
-        loaded = await asyncio.to_thread(load_models, locations["target"], locations["draft"], dtype, config.allow_download)
-        await asyncio.to_thread(build_drafter, config.llm, loaded, cache)
+        await asyncio.to_thread(pack_draft_weights, config.llm, locations["draft"], dtype, config.allow_download, cache)
         print(f"draft weights: {draft_weights}, packed in {cache / 'packed'}", flush=True)
     return 0
 

@@ -230,6 +230,20 @@ def build_drafter(config: LlmConfig, models: LoadedModels, cache: Path) -> Draft
     return drafter
 
 
+def pack_draft_weights(config: LlmConfig, draft: tuple[str, bool], dtype: torch.dtype, allow_download: bool, cache: Path) -> None:
+    """Pack the draft's int4 layers into ``cache`` as ``build_drafter`` would, for ``voice prepare``.
+
+    Loads the draft alone: its tokenizer equals the target's (checked whenever both load),
+    and a second copy of the target would double the peak memory.
+    """
+    tokenizer = _load_tokenizer(draft[0], draft[1], allow_download, "llm.draft")
+    draft_model = _load_model(draft[0], draft[1], allow_download, dtype, "llm.draft")
+    vocab_ids = draft_vocabulary(config, tokenizer, config.draft_vocab, cache) if config.draft_vocab else None
+    # The drafter cuts the output layer to the draft vocabulary before quantizing.
+    ModelDrafter(draft_model, vocab_ids)
+    quantize_draft(draft_model, config, draft[0], cache)
+
+
 def quantize_draft(draft_model: PreTrainedModel, config: LlmConfig, source: str, cache: Path) -> None:
     """Apply ``llm.draft_weights``.
 
