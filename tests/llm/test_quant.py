@@ -194,6 +194,23 @@ def test_packed_cache_round_trip(tmp_path, weights):
     assert PackedWeightCache(tmp_path, str(source), weights, torch.bfloat16).path != cache.path
 
 
+def test_packed_cache_removes_older_layouts(tmp_path):
+    source = tmp_path / "model"
+    source.mkdir()
+    cache = PackedWeightCache(tmp_path, str(source), "int8", torch.float32)
+    cache.path.parent.mkdir(parents=True)
+    older = cache.path.parent / f"{cache.prefix}0123456789abcdef.safetensors"
+    sibling = cache.path.parent / cache.path.name.replace(cache.path.stem[-16:], "fedcba9876543210")
+    other_dtype = cache.path.parent / "model-int8-bfloat16-0123456789abcdef.safetensors"
+    for path in (older, sibling, other_dtype):
+        path.write_bytes(b"old")
+    quantize_with_cache(tiny_qwen2(seed=57), "int8", str(source), tmp_path)
+    assert cache.path.is_file()
+    assert not older.exists()  # an older layout of the same model, format and dtype
+    assert sibling.exists()  # the current layout with other settings
+    assert other_dtype.exists()
+
+
 def test_packed_cache_repacks_a_layer_whose_shape_changed(tmp_path):
     source = tmp_path / "model"
     source.mkdir()

@@ -25,6 +25,7 @@ the packed layers once so that later starts load them in seconds.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -443,7 +444,8 @@ class PackedWeightCache:
             "native_kernels": qmatmul.available(),
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        self.path = cache_dir / "packed" / f"{Path(source).name}-{weights}-{str(dtype).removeprefix('torch.')}-{digest}.safetensors"
+        self.prefix = f"{Path(source).name}-{weights}-{str(dtype).removeprefix('torch.')}-"
+        self.path = cache_dir / "packed" / f"{self.prefix}f{_PACKED_FORMAT}-{digest}.safetensors"
 
     def load_into(self, model: torch.nn.Module) -> QuantizeReport | None:
         """Replace the model's layers with the saved ones; return None when nothing is saved."""
@@ -509,6 +511,25 @@ class PackedWeightCache:
             logger.warning("Could not save packed weights to %s: %s", self.path, error)
             with contextlib.suppress(OSError):
                 staging.unlink(missing_ok=True)
+            return
+        self._remove_older_formats()
+
+    def _remove_older_formats(self) -> None:
+        """Delete this model's packed files in layouts that this version no longer reads.
+
+        Each change of layout would otherwise leave a file of up to 1.5 GB behind. Files of
+        the current layout stay, also those saved with other settings (with or without the
+        GGUF codes, another torch version).
+        """
+        current = f"{self.prefix}f{_PACKED_FORMAT}-"
+        for old in self.path.parent.glob(f"{glob.escape(self.prefix)}*.safetensors"):
+            if old.name.startswith(current):
+                continue
+            try:
+                old.unlink()
+                logger.info("Removed packed weights in an older layout: %s", old)
+            except OSError as error:
+                logger.warning("Could not remove packed weights in an older layout %s: %s", old, error)
 
 
 def _weight_files_signature(source: str) -> list:
