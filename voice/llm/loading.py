@@ -173,6 +173,8 @@ def resolve_draft_weights(setting: str) -> str:
     from voice.llm import qmatmul
 
     if setting == "auto":
+        # NOTE: timed with AVX512-VNNI only. On an AVX2-only CPU the int4 draft has not
+        # been compared with dynamic int8.
         native = qmatmul.available() and qmatmul.instruction_set() != "scalar"
         return "int4" if native else "int8"
     return setting
