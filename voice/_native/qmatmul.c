@@ -14,8 +14,8 @@
  * scaled by the group's scale for all 16 rows at once. The widened weights of a group
  * serve every activation row of the call, so a verification pass of 8 rows costs little
  * more widening than a decoding step of one.
- * The int8 kernel goes over one output row at a time and sums each block of 128 inputs
- * across the lanes of a vector.
+ * The int8 kernel goes over one or two output rows at a time and sums each block of
+ * 128 inputs across the lanes of a vector.
  *
  * Every output value is computed by the same sequence of operations, whatever the
  * number of rows, the row blocking and the thread count. A token's logits are therefore
