@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from voice.bench import ALL_MODES, WEIGHT_FORMATS
+from voice.bench import ALL_MODES, REDUCED_VOCAB_MODES, WEIGHT_FORMATS
 from voice.config import Config, load_config
 from voice.errors import AudioInputError, ConfigError, VoiceError
 
@@ -391,13 +391,13 @@ async def _bench(config: Config, args: argparse.Namespace) -> int:
 
     cache = models.cache_root(config.cache_dir)
     quantized = any(name != "dense" for name in weights)
-    needs_draft = quantized or any(mode in ("draft", "draft-int8-vocab", "draft-int4-vocab", "transformers-assisted") for mode in modes)
+    needs_draft = quantized or any(mode in ("draft", *REDUCED_VOCAB_MODES, "transformers-assisted") for mode in modes)
     target = await asyncio.to_thread(models.resolve_llm, config.llm.target, cache, config.allow_download, "llm.target")
     draft = await asyncio.to_thread(models.resolve_llm, config.llm.draft, cache, config.allow_download, "llm.draft") if needs_draft else None
     dtype = resolve_dtype(config.llm.dtype)
     loaded = await asyncio.to_thread(load_models, target, draft, dtype, config.allow_download)
     vocab_ids = None
-    if "draft-int8-vocab" in modes or "draft-int4-vocab" in modes or (quantized and config.llm.draft_vocab):
+    if any(mode in REDUCED_VOCAB_MODES for mode in modes) or (quantized and config.llm.draft_vocab):
         size = args.draft_vocab or config.llm.draft_vocab or 32768
         vocab_ids = await asyncio.to_thread(draft_vocabulary, config.llm, loaded.tokenizer, size, cache)
     llamacpp_setup = None

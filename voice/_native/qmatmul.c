@@ -26,17 +26,17 @@
  * - int4 (N a multiple of 16): the weights are stored in tiles of 16 output rows, and a
  *   tile's data for group g (inputs 32g to 32g+31) is contiguous. codes: per tile and
  *   group, 256 bytes read as 4 loads of 32 little-endian 16-bit words. In load L, word w
- *   holds output row w / 2 of the tile and nibble t (bits 4t to 4t+3) is the code of
- *   input 32g + 8L + 2t + w % 2. sub_scales uint8 and mins float16: per tile and group,
+ *   belongs to output row w / 2 of the tile, and its nibble t (bits 4t to 4t+3) is the
+ *   code of input 32g + 8L + 2t + w % 2. sub_scales uint8 and mins float16: per tile and group,
  *   one value for each of the 16 rows. block_scales float32: per tile and block of 128
  *   inputs, one value for each of the 16 rows. w = block_scale * sub_scale * code + min.
  * - int8 (N a multiple of 4): weights (N, K) int8 and one float32 scale per output row:
  *   w = scale * weight.
  * - activations and output: float32 or bfloat16, row-major; bias float32 or none.
  *
- * Integer sums cannot overflow: an int4 lane adds 32 products of a code (at most 15)
- * and an int16 activation (at most 32767) per group, under 2^24, and an int8 lane adds
- * 8 products of at most 128 * 32768 per block, under 2^26.
+ * Integer sums cannot overflow. An int4 lane adds 32 products of a code (at most 15)
+ * and an int16 activation (at most 32767) per group, under 2^24. An int8 lane adds 8
+ * products of at most 128 * 32768 per block, under 2^26.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -179,9 +179,9 @@ static inline int int4_code(const uint8_t *tile_codes, int g, int lane, int i)
 /* Scalar kernels: any x86-64, and the reference for the others                        */
 /*
  * The int4 kernels of every instruction set perform these float operations in this
- * order for each output value, so their results are bit-identical: per group, the int32
+ * order for each output value, so their results are bit-identical. Per group, the int32
  * dot product is converted to float and multiplied by (block_scale * sub_scale) *
- * activation scale with a fused multiply-add, and then min * (sum of the group's
+ * activation scale with a fused multiply-add. Then min * (sum of the group's
  * activations) is added with another.
  */
 
@@ -248,7 +248,7 @@ AVX2_TARGET static inline float avx2_sum(__m256 v)
 
 /*
  * Rows r0 .. r0 + RB - 1 against one half (8 output rows) of an int4 tile. The 32-byte
- * half of each load holds words 16 h to 16 h + 15, the words of rows 8 h to 8 h + 7.
+ * half of each load contains words 16 h to 16 h + 15, the words of rows 8 h to 8 h + 7.
  */
 AVX2_TARGET static inline __attribute__((always_inline)) void int4_avx2_half(const Job *job, int tile, int half, int r0, const int RB)
 {
@@ -356,12 +356,16 @@ AVX2_TARGET static void int8_avx2(const Job *job, int n0, int n1)
  * gives 4 vectors of widened weights: nibble t of every word is the weight of input
  * pair t of that load for all 16 rows. With fewer than 4 activation rows the products
  * go into several int32 accumulators per row, so consecutive vpdpwssd do not wait for
- * each other; the integer sum is the same whatever the split.
+ * each other. The integer sum is the same whatever the split.
  */
 AVX512_TARGET static inline __attribute__((always_inline)) void int4_avx512_tile(const Job *job, int tile, int r0, const int RB)
 {
     const int k = job->k, blocks = k / BLOCK, groups = k / GROUP;
-    const int chains = RB >= 4 ? 1 : RB >= 2 ? 2 : 4;
+    int chains = 4;
+    if (RB >= 4)
+        chains = 1;
+    else if (RB >= 2)
+        chains = 2;
     const uint8_t *codes = job->weights + (size_t)tile * groups * 256;
     const uint8_t *sub = job->sub_scales + (size_t)tile * groups * TILE;
     const uint16_t *mins = job->mins + (size_t)tile * groups * TILE;

@@ -5,6 +5,8 @@ before any model loads.
 """
 
 OUR_MODES = ("plain", "draft", "draft-int8-vocab", "draft-int4-vocab", "lookup")
+# Modes whose draft scores only the most frequent tokens (``--draft-vocab``).
+REDUCED_VOCAB_MODES = ("draft-int8-vocab", "draft-int4-vocab")
 TRANSFORMERS_MODES = ("transformers-assisted", "transformers-lookup")
 ALL_MODES = OUR_MODES + TRANSFORMERS_MODES
 LLAMACPP_MODES = ("llamacpp-plain", "llamacpp-speculative")

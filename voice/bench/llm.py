@@ -188,7 +188,7 @@ def build_modes(
             elif name == "draft-int4-vocab":
                 draft_copy = copy.deepcopy(models.draft_model)
                 drafter = ModelDrafter(draft_copy, draft_vocab_ids, min_confidence=min_confidence)
-                quantize_model(draft_copy, "int4", other_formats="int4")
+                quantize_model(draft_copy, "int4")
             else:
                 # int8 drafts run in float32, as the assistant loads them.
                 draft_copy = copy.deepcopy(models.draft_model).float()

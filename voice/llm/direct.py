@@ -254,7 +254,6 @@ class DirectForward:
         hidden = _rms_norm(hidden[-logits_to_keep:], self.norm, self.norm_eps)
         return self.lm_head(hidden)
 
-
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
         """Attend queries q (heads, count, head_dim) at positions start.. to the cached keys and values.
 
@@ -295,8 +294,9 @@ def _fuse(modules: list[torch.nn.Module]) -> torch.nn.Module | list[torch.nn.Mod
     """Concatenate layers that read the same input into one along their outputs, where the kernel allows.
 
     Native-kernel int4 and int8 layers keep whole tiles of 16 rows (int4) or one row (int8)
-    of every buffer per output, so their buffers stack. The layers' own buffers become views of the fused ones, so fusing
-    takes no extra memory and the model's modules still work. Other layers stay a list
+    of every buffer per output, so their buffers stack. The layers' own buffers become
+    views of the fused ones, so fusing takes no extra memory and the model's modules still
+    work. Other layers stay a list
     and run one by one.
     """
     first = modules[0]

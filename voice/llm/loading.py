@@ -217,18 +217,25 @@ def build_drafter(config: LlmConfig, models: LoadedModels, cache: Path) -> Draft
             return Gemma4AssistantDrafter(models.draft_model, models.target_model)
         except ValueError as error:
             raise ModelError(f"llm.draft: {error}") from None
+    return _model_drafter(config, models.draft_model, models.tokenizer, models.draft_source, cache)
+
+
+def _model_drafter(
+    config: LlmConfig, draft_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: str, cache: Path
+) -> ModelDrafter:
+    """Build the draft model's drafter: its output layer cut to ``llm.draft_vocab``, then its weights quantized."""
     vocab_ids = None
     if config.draft_vocab:
-        full_size = models.draft_model.get_output_embeddings().weight.shape[0]
+        full_size = draft_model.get_output_embeddings().weight.shape[0]
         if config.draft_vocab >= full_size:
             raise ModelError(
                 f"llm.draft_vocab: {config.draft_vocab} is not below the draft's {full_size} output tokens; "
                 "use a smaller number or 0 for the whole vocabulary"
             )
-        vocab_ids = draft_vocabulary(config, models.tokenizer, config.draft_vocab, cache)
-    drafter = ModelDrafter(models.draft_model, vocab_ids, config.draft_threads, config.draft_min_confidence)
+        vocab_ids = draft_vocabulary(config, tokenizer, config.draft_vocab, cache)
+    drafter = ModelDrafter(draft_model, vocab_ids, config.draft_threads, config.draft_min_confidence)
     # After the output layer was cut to the reduced vocabulary, which slices dense rows.
-    quantize_draft(models.draft_model, config, models.draft_source, cache)
+    quantize_draft(draft_model, config, source, cache)
     return drafter
 
 
@@ -240,10 +247,7 @@ def pack_draft_weights(config: LlmConfig, draft: tuple[str, bool], dtype: torch.
     """
     tokenizer = _load_tokenizer(draft[0], draft[1], allow_download, "llm.draft")
     draft_model = _load_model(draft[0], draft[1], allow_download, dtype, "llm.draft")
-    vocab_ids = draft_vocabulary(config, tokenizer, config.draft_vocab, cache) if config.draft_vocab else None
-    # The drafter cuts the output layer to the draft vocabulary before quantizing.
-    ModelDrafter(draft_model, vocab_ids)
-    quantize_draft(draft_model, config, draft[0], cache)
+    _model_drafter(config, draft_model, tokenizer, draft[0], cache)
 
 
 def quantize_draft(draft_model: PreTrainedModel, config: LlmConfig, source: str, cache: Path) -> None:

@@ -115,8 +115,9 @@ class Int4Linear(_PackedLinear):
     Buffers of the native kernel: ``codes`` (``qmatmul.pack_int4``), ``sub_scales``
     uint8 and ``mins`` float16 per group (out, in / 32), ``block_scales`` float32 per 128
     inputs (out, in / 128), the last three in ``qmatmul.tile_rows`` order, with
-    w = block_scale * sub_scale * code + min, and ``bias`` float32. Of torch's ``_weight_int4pack_mm_for_cpu``: ``packed``, ``scales_and_zeros``
-    (in / 32, out, 2) and ``bias`` in the model's dtype.
+    w = block_scale * sub_scale * code + min, and ``bias`` float32. Of torch's
+    ``_weight_int4pack_mm_for_cpu``: ``packed``, ``scales_and_zeros`` (in / 32, out, 2)
+    and ``bias`` in the model's dtype.
     """
 
     @staticmethod
