@@ -80,8 +80,18 @@ def test_fused_quantized_projections_match_separate_ones(weights):
         now = projection.qweight if weights == "int8" else projection.codes
         assert torch.equal(now, old)
         assert now.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
-    # transformers' pass runs the separate layers, the direct pass the fused ones.
-    assert_same_logits_as_transformers(model, atol=1e-3)
+    # Each output row is computed alone, so fusing changes no logit.
+    separate = DirectForward(model)
+    for direct_layer, layer in zip(separate.layers, model.model.layers):
+        direct_layer.qkv = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+        direct_layer.gate_up = [layer.mlp.gate_proj, layer.mlp.up_proj]
+    fused_buffer, separate_buffer = forward.new_buffer(), separate.new_buffer()
+    for ids in STEPS:
+        assert torch.equal(forward(ids, fused_buffer, len(ids)), separate(ids, separate_buffer, len(ids)))
+    # transformers' pass attends all queries at once, the direct pass query by query.
+    # The kernels round activations to 8 bits, which turns those float differences into
+    # whole rounding steps: about 1% of the logits of this small random model.
+    assert_same_logits_as_transformers(model, atol=0.05)
 
 
 @pytest.mark.skipif(not qmatmul.available(), reason="native kernels not built")

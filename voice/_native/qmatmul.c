@@ -3,40 +3,36 @@
  *
  * Decoding reads every weight once per forward pass, so its speed is set by the bytes
  * the weights take and by how cheaply each byte turns into products. These kernels
- * quantize the few activation rows of a decoding or verification pass to int16, with
- * one scale per block of 128 values, and multiply them with the weights widened to int16
- * (AVX512-VNNI vpdpwssd, or vpmaddwd on AVX2), summing in int32.
+ * quantize the few activation rows of a decoding or verification pass to int8, with
+ * one scale per group of 32 values (as llama.cpp's Q8_0), and multiply them with the
+ * weight bytes in int32 (AVX512-VNNI vpdpbusd, or vpmaddubsw on AVX2).
  *
- * The int4 kernel keeps 16 output rows in the 16 lanes of a vector. Each 32-bit lane
- * takes the products of one output row with two adjacent inputs, and the activation
- * pair is broadcast to all lanes, so an instruction does 32 multiply-adds with no
- * horizontal sum. Per group of 32 inputs the exact int32 sum becomes float once and is
- * scaled by the group's scale for all 16 rows at once. The widened weights of a group
- * serve every activation row of the call, so a verification pass of 8 rows costs little
- * more widening than a decoding step of one.
- * The int8 kernel goes over one or two output rows at a time and sums each block of
- * 128 inputs across the lanes of a vector.
+ * Both kernels keep 16 output rows in the 16 lanes of a vector. Each 32-bit lane takes
+ * the products of one output row with 4 adjacent inputs, and those 4 activations are
+ * broadcast to all lanes, so an instruction does 64 multiply-adds with no horizontal
+ * sum. Per group of 32 inputs the exact int32 sum becomes float once and is scaled for
+ * all 16 rows at once. The weights of a group serve every activation row of the call,
+ * so a verification pass of 8 rows reads and unpacks them once.
  *
  * Every output value is computed by the same sequence of operations, whatever the
- * number of rows, the row blocking and the thread count. A token's logits are therefore
- * bit-identical in a one-token step and in a verification pass. For int4 the sequence
- * is also the same on every instruction set.
+ * number of rows, the row blocking, the thread count and the instruction set. A token's
+ * logits are therefore bit-identical in a one-token step and in a verification pass.
  *
- * Layouts (K = in_features, a multiple of 128; N = out_features):
- * - int4 (N a multiple of 16): the weights are stored in tiles of 16 output rows, and a
- *   tile's data for group g (inputs 32g to 32g+31) is contiguous. codes: per tile and
- *   group, 256 bytes read as 4 loads of 32 little-endian 16-bit words. In load L, word w
- *   belongs to output row w / 2 of the tile, and its nibble t (bits 4t to 4t+3) is the
- *   code of input 32g + 8L + 2t + w % 2. sub_scales uint8 and mins float16: per tile and group,
- *   one value for each of the 16 rows. block_scales float32: per tile and block of 128
- *   inputs, one value for each of the 16 rows. w = block_scale * sub_scale * code + min.
- * - int8 (N a multiple of 4): weights (N, K) int8 and one float32 scale per output row:
- *   w = scale * weight.
+ * Layouts (K = in_features, a multiple of 128; N = out_features, a multiple of 16): the
+ * weights are stored in tiles of 16 output rows, and a tile's data for group g (inputs
+ * 32g to 32g+31) is contiguous, read as 64-byte loads. In every load, bytes 4r to 4r+3
+ * belong to row r of the tile.
+ * - int4: per tile and group, 256 bytes in 4 loads. In load L, the low nibble of byte
+ *   4r + j is the code of input 32g + 8L + j and the high nibble that of input
+ *   32g + 8L + 4 + j. sub_scales uint8 and mins float16: per tile and group, one value
+ *   for each of the 16 rows. block_scales float32: per tile and block of 128 inputs, one
+ *   value for each of the 16 rows. w = block_scale * sub_scale * code + min.
+ * - int8: per tile and group, 512 bytes in 8 loads. In load L, byte 4r + j is
+ *   weight + 128 of input 32g + 4L + j. One float32 scale per output row, in row
+ *   order: w = scale * weight.
  * - activations and output: float32 or bfloat16, row-major; bias float32 or none.
  *
- * Integer sums cannot overflow. An int4 lane adds 32 products of a code (at most 15)
- * and an int16 activation (at most 32767) per group, under 2^24. An int8 lane adds 8
- * products of at most 128 * 32768 per block, under 2^26.
+ * Integer sums cannot overflow: a group adds 32 products of at most 255 * 128.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -50,22 +46,21 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define GROUP 32  /* inputs per int4 sub-scale and min */
-#define BLOCK 128 /* inputs per activation scale and int4 block scale */
-#define TILE 16 /* int4 output rows per tile: the lanes of one 512-bit vector of float32 */
-#define INT8_ROW_BLOCK 4 /* int8 output rows per unit of a thread's share */
+#define GROUP 32  /* inputs per activation scale and int4 sub-scale and min */
+#define BLOCK 128 /* inputs per int4 block scale */
+#define TILE 16 /* output rows per tile: the lanes of one 512-bit vector of float32 */
 #define MAX_THREADS 64
-#define PREFETCH_ROWS 4 /* output rows ahead whose weights are prefetched */
 
 enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };
 static const char *ISA_NAMES[] = {"scalar", "avx2", "avx512_vnni"};
 
-/* Activation rows as int16: x = scale[block] * q. */
+/* Activation rows as int8: x = scale[group] * q. */
 typedef struct {
-    int16_t *q;    /* rows x K */
-    float *scales; /* rows x K/128: amax / 32767 of each block */
-    float *sums;   /* rows x K/32: sum of the float values of each group (int4 mins) */
+    int8_t *q;        /* rows x K */
+    float *scales;    /* rows x K/32: amax / 127 of each group */
+    float *sums;      /* rows x K/32: sum of the float values of each group (int4 mins) */
+    int32_t *offsets; /* rows x K/32: 128 * the sum of the group's q (int8 weights) */
 } Activations;
 
 typedef struct {
@@ -140,28 +135,30 @@ static inline void store_output(const Job *job, int row, int col, float value)
 }
 
 /* ---------------------------------------------------------------------------------- */
-/* Activation quantization: round to nearest, one scale per block of 128 values        */
+/* Activation quantization: round to nearest, one scale per group of 32 values         */
 
 static void quantize_activations(const void *x, int dtype, int rows, int k, Activations *act)
 {
-    const int blocks = k / BLOCK, groups = k / GROUP;
-    float values[BLOCK];
+    const int groups = k / GROUP;
+    float values[GROUP];
     for (int r = 0; r < rows; r++) {
-        for (int b = 0; b < blocks; b++) {
-            size_t base = (size_t)r * k + (size_t)b * BLOCK;
-            float amax = 0.0f;
-            for (int i = 0; i < BLOCK; i++) {
+        for (int g = 0; g < groups; g++) {
+            const size_t base = (size_t)r * k + (size_t)g * GROUP, index = (size_t)r * groups + g;
+            float amax = 0.0f, sum = 0.0f;
+            for (int i = 0; i < GROUP; i++) {
                 values[i] = dtype == DTYPE_FLOAT32 ? ((const float *)x)[base + i] : bf16_to_float(((const uint16_t *)x)[base + i]);
                 amax = fmaxf(amax, fabsf(values[i]));
+                sum += values[i];
             }
-            float inverse = amax > 0.0f ? 32767.0f / amax : 0.0f;
-            for (int i = 0; i < BLOCK; i++) act->q[base + i] = (int16_t)lrintf(values[i] * inverse);
-            act->scales[(size_t)r * blocks + b] = amax / 32767.0f;
-            for (int g = 0; g < BLOCK / GROUP; g++) {
-                float sum = 0.0f;
-                for (int i = 0; i < GROUP; i++) sum += values[g * GROUP + i];
-                act->sums[(size_t)r * groups + (size_t)b * (BLOCK / GROUP) + g] = sum;
+            const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t codes = 0;
+            for (int i = 0; i < GROUP; i++) {
+                act->q[base + i] = (int8_t)lrintf(values[i] * inverse);
+                codes += act->q[base + i];
             }
+            act->scales[index] = amax / 127.0f;
+            act->sums[index] = sum;
+            act->offsets[index] = 128 * codes;
         }
     }
 }
@@ -169,20 +166,25 @@ static void quantize_activations(const void *x, int dtype, int rows, int k, Acti
 /* code of output row `lane` of a tile and input i (0..31) of group g */
 static inline int int4_code(const uint8_t *tile_codes, int g, int lane, int i)
 {
-    const int load = i / 8, nibble = (i % 8) / 2, word = 2 * lane + i % 2;
-    const uint8_t *bytes = tile_codes + (size_t)g * 256 + load * 64 + 2 * word;
-    const int value = bytes[0] | (bytes[1] << 8);
-    return (value >> (4 * nibble)) & 0x0f;
+    const uint8_t byte = tile_codes[(size_t)g * 256 + (i / 8) * 64 + 4 * lane + i % 4];
+    return (byte >> (4 * ((i % 8) / 4))) & 0x0f;
+}
+
+/* weight of output row `lane` of a tile and input i (0..31) of group g */
+static inline int int8_weight(const uint8_t *tile_weights, int g, int lane, int i)
+{
+    return (int)tile_weights[(size_t)g * 512 + (i / 4) * 64 + 4 * lane + i % 4] - 128;
 }
 
 /* ---------------------------------------------------------------------------------- */
 /* Scalar kernels: any x86-64, and the reference for the others                        */
 /*
- * The int4 kernels of every instruction set perform these float operations in this
- * order for each output value, so their results are bit-identical. Per group, the int32
- * dot product is converted to float and multiplied by (block_scale * sub_scale) *
- * activation scale with a fused multiply-add. Then min * (sum of the group's
- * activations) is added with another.
+ * The kernels of every instruction set perform these float operations in this order for
+ * each output value, so their results are bit-identical. Per group, the exact int32 dot
+ * product becomes float and is added with a fused multiply-add: int4 multiplies it by
+ * (block_scale * sub_scale) * activation scale, then adds min * (sum of the group's
+ * activations) with another; int8 multiplies it by the activation scale. int8 ends
+ * with one fused multiply-add of the row scale and the bias.
  */
 
 static void int4_scalar(const Job *job, int n0, int n1)
@@ -194,7 +196,7 @@ static void int4_scalar(const Job *job, int n0, int n1)
         const uint16_t *mins = job->mins + (size_t)tile * groups * TILE;
         const float *block_scales = job->block_scales + (size_t)tile * blocks * TILE;
         for (int r = 0; r < job->rows; r++) {
-            const int16_t *q = job->act->q + (size_t)r * k;
+            const int8_t *q = job->act->q + (size_t)r * k;
             for (int lane = 0; lane < TILE; lane++) {
                 float total = 0.0f;
                 for (int g = 0; g < groups; g++) {
@@ -202,7 +204,7 @@ static void int4_scalar(const Job *job, int n0, int n1)
                     for (int i = 0; i < GROUP; i++) dot += int4_code(codes, g, lane, i) * q[g * GROUP + i];
                     const int b = g / (BLOCK / GROUP);
                     const float group_scale = block_scales[b * TILE + lane] * (float)sub[g * TILE + lane];
-                    const float scale = group_scale * job->act->scales[(size_t)r * blocks + b];
+                    const float scale = group_scale * job->act->scales[(size_t)r * groups + g];
                     total = fmaf((float)dot, scale, total);
                     total = fmaf(half_to_float(mins[g * TILE + lane]), job->act->sums[(size_t)r * groups + g], total);
                 }
@@ -215,41 +217,58 @@ static void int4_scalar(const Job *job, int n0, int n1)
 
 static void int8_scalar(const Job *job, int n0, int n1)
 {
-    const int k = job->k, blocks = k / BLOCK;
-    for (int n = n0; n < n1; n++) {
-        const int8_t *weights = (const int8_t *)job->weights + (size_t)n * k;
+    const int k = job->k, groups = k / GROUP;
+    for (int tile = n0 / TILE; tile < n1 / TILE; tile++) {
+        const uint8_t *weights = job->weights + (size_t)tile * groups * 512;
         for (int r = 0; r < job->rows; r++) {
-            const int16_t *q = job->act->q + (size_t)r * k;
-            float total = 0.0f;
-            for (int b = 0; b < blocks; b++) {
-                int32_t dot = 0;
-                for (int i = 0; i < BLOCK; i++) dot += weights[b * BLOCK + i] * q[b * BLOCK + i];
-                total += (float)dot * job->act->scales[(size_t)r * blocks + b];
+            const int8_t *q = job->act->q + (size_t)r * k;
+            for (int lane = 0; lane < TILE; lane++) {
+                const int n = tile * TILE + lane;
+                float total = 0.0f;
+                for (int g = 0; g < groups; g++) {
+                    int32_t dot = 0;
+                    for (int i = 0; i < GROUP; i++) dot += int8_weight(weights, g, lane, i) * q[g * GROUP + i];
+                    total = fmaf((float)dot, job->act->scales[(size_t)r * groups + g], total);
+                }
+                store_output(job, r, n, fmaf(total, job->row_scales[n], job->bias ? job->bias[n] : 0.0f));
             }
-            total = total * job->row_scales[n] + (job->bias ? job->bias[n] : 0.0f);
-            store_output(job, r, n, total);
         }
     }
 }
 
 /* ---------------------------------------------------------------------------------- */
 /* AVX2 kernels                                                                        */
+/*
+ * A 256-bit vector holds 8 of a tile's 16 rows, so each tile goes in two halves: the
+ * 32-byte half h of every 64-byte load holds rows 8 h to 8 h + 7. Without VNNI, vpmaddubsw
+ * multiplies unsigned weight bytes with signed activation bytes into pairs of int16, and
+ * vpmaddwd with ones adds the pairs into int32.
+ */
 
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
-#define AVX2_ROWS 4 /* activation rows per pass over one output row's weights */
+#define AVX2_ROWS 4 /* activation rows per pass over a half tile */
 
-AVX2_TARGET static inline float avx2_sum(__m256 v)
+AVX2_TARGET static inline __m256i avx2_quad(const int8_t *q)
 {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    int32_t quad;
+    memcpy(&quad, q, sizeof quad);
+    return _mm256_set1_epi32(quad);
 }
 
-/*
- * Rows r0 .. r0 + RB - 1 against one half (8 output rows) of an int4 tile. The 32-byte
- * half of each load contains words 16 h to 16 h + 15, the words of rows 8 h to 8 h + 7.
- */
+/* the sum of each lane's 4 products of unsigned bytes u and signed bytes s; exact while
+ * each pair of products fits in int16 */
+AVX2_TARGET static inline __m256i avx2_dot4(__m256i u, __m256i s)
+{
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+AVX2_TARGET static inline void avx2_store(const Job *job, int row, int n, __m256 values)
+{
+    float lanes[8];
+    _mm256_storeu_ps(lanes, values);
+    for (int lane = 0; lane < 8; lane++) store_output(job, row, n + lane, lanes[lane]);
+}
+
 AVX2_TARGET static inline __attribute__((always_inline)) void int4_avx2_half(const Job *job, int tile, int half, int r0, const int RB)
 {
     const int k = job->k, blocks = k / BLOCK, groups = k / GROUP;
@@ -257,266 +276,240 @@ AVX2_TARGET static inline __attribute__((always_inline)) void int4_avx2_half(con
     const uint8_t *sub = job->sub_scales + (size_t)tile * groups * TILE + 8 * half;
     const uint16_t *mins = job->mins + (size_t)tile * groups * TILE + 8 * half;
     const float *block_scales = job->block_scales + (size_t)tile * blocks * TILE + 8 * half;
-    const __m256i low4 = _mm256_set1_epi16(0x0f);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
     __m256 total[AVX2_ROWS];
     for (int j = 0; j < RB; j++) total[j] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
         const int b = g / (BLOCK / GROUP);
-        const __m256 sub_scale = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sub + g * TILE))));
-        const __m256 group_scale = _mm256_mul_ps(_mm256_loadu_ps(block_scales + b * TILE), sub_scale);
-        const __m256 min = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mins + g * TILE)));
         __m256i dot[AVX2_ROWS];
         for (int j = 0; j < RB; j++) dot[j] = _mm256_setzero_si256();
         for (int load = 0; load < 4; load++) {
-            const __m256i words = _mm256_loadu_si256((const __m256i *)(codes + (size_t)g * 256 + load * 64));
-            const __m256i w[4] = {
-                _mm256_and_si256(words, low4),
-                _mm256_and_si256(_mm256_srli_epi16(words, 4), low4),
-                _mm256_and_si256(_mm256_srli_epi16(words, 8), low4),
-                _mm256_srli_epi16(words, 12),
-            };
+            const __m256i bytes = _mm256_loadu_si256((const __m256i *)(codes + (size_t)g * 256 + load * 64));
+            const __m256i low = _mm256_and_si256(bytes, low4), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
             for (int j = 0; j < RB; j++) {
-                const int16_t *q = job->act->q + (size_t)(r0 + j) * k + g * GROUP + 8 * load;
-                for (int t = 0; t < 4; t++) {
-                    int32_t pair;
-                    memcpy(&pair, q + 2 * t, sizeof pair);
-                    dot[j] = _mm256_add_epi32(dot[j], _mm256_madd_epi16(w[t], _mm256_set1_epi32(pair)));
-                }
+                const int8_t *q = job->act->q + (size_t)(r0 + j) * k + g * GROUP + 8 * load;
+                dot[j] = _mm256_add_epi32(dot[j], avx2_dot4(low, avx2_quad(q)));
+                dot[j] = _mm256_add_epi32(dot[j], avx2_dot4(high, avx2_quad(q + 4)));
             }
         }
+        const __m256 sub_scale = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sub + g * TILE))));
+        const __m256 group_scale = _mm256_mul_ps(_mm256_loadu_ps(block_scales + b * TILE), sub_scale);
+        const __m256 min = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mins + g * TILE)));
         for (int j = 0; j < RB; j++) {
-            const __m256 scale = _mm256_mul_ps(group_scale, _mm256_set1_ps(job->act->scales[(size_t)(r0 + j) * blocks + b]));
+            const size_t index = (size_t)(r0 + j) * groups + g;
+            const __m256 scale = _mm256_mul_ps(group_scale, _mm256_set1_ps(job->act->scales[index]));
             total[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j]), scale, total[j]);
-            total[j] = _mm256_fmadd_ps(min, _mm256_set1_ps(job->act->sums[(size_t)(r0 + j) * groups + g]), total[j]);
+            total[j] = _mm256_fmadd_ps(min, _mm256_set1_ps(job->act->sums[index]), total[j]);
         }
     }
+    const int n = tile * TILE + 8 * half;
     for (int j = 0; j < RB; j++) {
-        float values[8];
-        _mm256_storeu_ps(values, total[j]);
-        for (int lane = 0; lane < 8; lane++) {
-            const int n = tile * TILE + 8 * half + lane;
-            store_output(job, r0 + j, n, job->bias ? values[lane] + job->bias[n] : values[lane]);
-        }
+        if (job->bias) total[j] = _mm256_add_ps(total[j], _mm256_loadu_ps(job->bias + n));
+        avx2_store(job, r0 + j, n, total[j]);
     }
 }
 
-AVX2_TARGET static void int4_avx2_rows1(const Job *job, int tile, int half, int r0) { int4_avx2_half(job, tile, half, r0, 1); }
-AVX2_TARGET static void int4_avx2_rows2(const Job *job, int tile, int half, int r0) { int4_avx2_half(job, tile, half, r0, 2); }
-AVX2_TARGET static void int4_avx2_rows3(const Job *job, int tile, int half, int r0) { int4_avx2_half(job, tile, half, r0, 3); }
-AVX2_TARGET static void int4_avx2_rows4(const Job *job, int tile, int half, int r0) { int4_avx2_half(job, tile, half, r0, 4); }
-
-AVX2_TARGET static void int4_avx2(const Job *job, int n0, int n1)
+/*
+ * The weights are stored as unsigned bytes (weight + 128). vpmaddubsw would saturate
+ * at 255 * 127 * 2, so each weight's magnitude is multiplied by the activation with the
+ * weight's sign, at most 128 * 127 * 2 per pair.
+ */
+AVX2_TARGET static inline __attribute__((always_inline)) void int8_avx2_half(const Job *job, int tile, int half, int r0, const int RB)
 {
-    static void (*const kernels[AVX2_ROWS + 1])(const Job *, int, int, int) = {
-        NULL, int4_avx2_rows1, int4_avx2_rows2, int4_avx2_rows3, int4_avx2_rows4};
-    for (int tile = n0 / TILE; tile < n1 / TILE; tile++)
-        for (int half = 0; half < 2; half++)
-            for (int r = 0; r < job->rows; r += AVX2_ROWS) kernels[job->rows - r < AVX2_ROWS ? job->rows - r : AVX2_ROWS](job, tile, half, r);
-}
-
-AVX2_TARGET static void int8_avx2(const Job *job, int n0, int n1)
-{
-    const int k = job->k, blocks = k / BLOCK;
-    for (int n = n0; n < n1; n++) {
-        const int8_t *weights = (const int8_t *)job->weights + (size_t)n * k;
-        for (int r0 = 0; r0 < job->rows; r0 += AVX2_ROWS) {
-            const int rb = job->rows - r0 < AVX2_ROWS ? job->rows - r0 : AVX2_ROWS;
-            __m256 acc[AVX2_ROWS];
-            for (int j = 0; j < AVX2_ROWS; j++) acc[j] = _mm256_setzero_ps();
-            for (int b = 0; b < blocks; b++) {
-                __m256i w[8];
-                for (int t = 0; t < 8; t++) w[t] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(weights + b * BLOCK + 16 * t)));
-                for (int j = 0; j < rb; j++) {
-                    const int16_t *q = job->act->q + (size_t)(r0 + j) * k + (size_t)b * BLOCK;
-                    __m256i dot = _mm256_setzero_si256();
-                    for (int t = 0; t < 8; t++) dot = _mm256_add_epi32(dot, _mm256_madd_epi16(w[t], _mm256_loadu_si256((const __m256i *)(q + 16 * t))));
-                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(job->act->scales[(size_t)(r0 + j) * blocks + b]), acc[j]);
-                }
-            }
-            for (int j = 0; j < rb; j++) {
-                float total = avx2_sum(acc[j]) * job->row_scales[n] + (job->bias ? job->bias[n] : 0.0f);
-                store_output(job, r0 + j, n, total);
+    const int k = job->k, groups = k / GROUP;
+    const uint8_t *weights = job->weights + (size_t)tile * groups * 512 + 32 * half;
+    const __m256i offset = _mm256_set1_epi8((char)0x80);
+    __m256 total[AVX2_ROWS];
+    for (int j = 0; j < RB; j++) total[j] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i dot[AVX2_ROWS];
+        for (int j = 0; j < RB; j++) dot[j] = _mm256_setzero_si256();
+        for (int load = 0; load < 8; load++) {
+            const __m256i signed_weights = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(weights + (size_t)g * 512 + load * 64)), offset);
+            const __m256i magnitudes = _mm256_abs_epi8(signed_weights);
+            for (int j = 0; j < RB; j++) {
+                const __m256i q = avx2_quad(job->act->q + (size_t)(r0 + j) * k + g * GROUP + 4 * load);
+                dot[j] = _mm256_add_epi32(dot[j], avx2_dot4(magnitudes, _mm256_sign_epi8(q, signed_weights)));
             }
         }
+        for (int j = 0; j < RB; j++)
+            total[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j]), _mm256_set1_ps(job->act->scales[(size_t)(r0 + j) * groups + g]), total[j]);
     }
+    const int n = tile * TILE + 8 * half;
+    const __m256 row_scales = _mm256_loadu_ps(job->row_scales + n);
+    const __m256 bias = job->bias ? _mm256_loadu_ps(job->bias + n) : _mm256_setzero_ps();
+    for (int j = 0; j < RB; j++) avx2_store(job, r0 + j, n, _mm256_fmadd_ps(total[j], row_scales, bias));
 }
+
+#define AVX2_KERNELS(KIND)                                                                                   \
+    AVX2_TARGET static void KIND##_avx2_rows1(const Job *job, int tile, int half, int r0) { KIND##_avx2_half(job, tile, half, r0, 1); } \
+    AVX2_TARGET static void KIND##_avx2_rows2(const Job *job, int tile, int half, int r0) { KIND##_avx2_half(job, tile, half, r0, 2); } \
+    AVX2_TARGET static void KIND##_avx2_rows3(const Job *job, int tile, int half, int r0) { KIND##_avx2_half(job, tile, half, r0, 3); } \
+    AVX2_TARGET static void KIND##_avx2_rows4(const Job *job, int tile, int half, int r0) { KIND##_avx2_half(job, tile, half, r0, 4); } \
+    AVX2_TARGET static void KIND##_avx2(const Job *job, int n0, int n1)                                      \
+    {                                                                                                        \
+        static void (*const kernels[AVX2_ROWS + 1])(const Job *, int, int, int) = {                          \
+            NULL, KIND##_avx2_rows1, KIND##_avx2_rows2, KIND##_avx2_rows3, KIND##_avx2_rows4};               \
+        for (int tile = n0 / TILE; tile < n1 / TILE; tile++)                                                 \
+            for (int half = 0; half < 2; half++)                                                             \
+                for (int r = 0; r < job->rows; r += AVX2_ROWS)                                               \
+                    kernels[job->rows - r < AVX2_ROWS ? job->rows - r : AVX2_ROWS](job, tile, half, r);      \
+    }
+
+AVX2_KERNELS(int4)
+AVX2_KERNELS(int8)
 
 /* ---------------------------------------------------------------------------------- */
 /* AVX512-VNNI kernels                                                                 */
+/*
+ * A 512-bit vector holds all 16 rows of a tile, 4 weight bytes per 32-bit lane.
+ * vpdpbusd multiplies them with 4 activation bytes broadcast to every lane and adds
+ * the 4 products to the lane's int32: 64 multiply-adds per instruction, no horizontal
+ * sum. With fewer than 4 activation rows the products go into several int32
+ * accumulators per row, so consecutive vpdpbusd do not wait for each other; the integer
+ * sum is the same whatever the split.
+ */
 
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
-/* groups ahead whose codes are prefetched: 2 KiB. On the Xeon a 1-row product of an
- * 8960x1536 layer took about 15% less time with 8 groups than with 2. */
-#define PREFETCH_GROUPS 8
-#define INT4_PASS_ROWS 8 /* activation rows per pass over an int4 tile: 8 float and 8 int32 accumulators */
+/* bytes ahead of the weights being read that are prefetched. On the Xeon a 1-row
+ * product of an 8960x1536 int4 layer took about 15% less time with 2 KiB than with 512 B. */
+#define PREFETCH_BYTES 2048
+#define PASS_ROWS 8 /* activation rows per pass over a tile: 8 float and 8 int32 accumulators */
 
-/*
- * Rows r0 .. r0 + RB - 1 against one int4 tile. Per group, each 64-byte load of codes
- * gives 4 vectors of widened weights: nibble t of every word is the weight of input
- * pair t of that load for all 16 rows. With fewer than 4 activation rows the products
- * go into several int32 accumulators per row, so consecutive vpdpwssd do not wait for
- * each other. The integer sum is the same whatever the split.
- */
+AVX512_TARGET static inline __m512i avx512_quad(const int8_t *q)
+{
+    int32_t quad;
+    memcpy(&quad, q, sizeof quad);
+    return _mm512_set1_epi32(quad);
+}
+
+static inline int chains_for(int rows)
+{
+    return rows >= 4 ? 1 : rows >= 2 ? 2 : 4;
+}
+
+AVX512_TARGET static inline void avx512_store(const Job *job, int row, int n, __m512 values)
+{
+    if (job->out_dtype == DTYPE_FLOAT32) {
+        _mm512_storeu_ps((float *)job->out + (size_t)row * job->n + n, values);
+        return;
+    }
+    float lanes[TILE];
+    _mm512_storeu_ps(lanes, values);
+    for (int lane = 0; lane < TILE; lane++) store_output(job, row, n + lane, lanes[lane]);
+}
+
+/* Rows r0 .. r0 + RB - 1 against one int4 tile. Each 64-byte load of codes gives two
+ * vectors: the low nibbles hold inputs 8 L to 8 L + 3 of every row, the high ones the next 4. */
 AVX512_TARGET static inline __attribute__((always_inline)) void int4_avx512_tile(const Job *job, int tile, int r0, const int RB)
 {
-    const int k = job->k, blocks = k / BLOCK, groups = k / GROUP;
-    int chains = 4;
-    if (RB >= 4)
-        chains = 1;
-    else if (RB >= 2)
-        chains = 2;
+    const int k = job->k, blocks = k / BLOCK, groups = k / GROUP, chains = chains_for(RB);
     const uint8_t *codes = job->weights + (size_t)tile * groups * 256;
     const uint8_t *sub = job->sub_scales + (size_t)tile * groups * TILE;
     const uint16_t *mins = job->mins + (size_t)tile * groups * TILE;
     const float *block_scales = job->block_scales + (size_t)tile * blocks * TILE;
-    const __m512i low4 = _mm512_set1_epi16(0x0f);
-    __m512 total[INT4_PASS_ROWS];
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    __m512 total[PASS_ROWS];
     for (int j = 0; j < RB; j++) total[j] = _mm512_setzero_ps();
     for (int g = 0; g < groups; g++) {
         const int b = g / (BLOCK / GROUP);
-        for (int line = 0; line < 4; line++) _mm_prefetch((const char *)(codes + (size_t)(g + PREFETCH_GROUPS) * 256 + 64 * line), _MM_HINT_T0);
-        __m512i dot[INT4_PASS_ROWS][4];
+        const uint8_t *group_codes = codes + (size_t)g * 256;
+        for (int line = 0; line < 4; line++) _mm_prefetch((const char *)(group_codes + PREFETCH_BYTES + 64 * line), _MM_HINT_T0);
+        __m512i dot[PASS_ROWS][4];
         for (int j = 0; j < RB; j++)
             for (int c = 0; c < chains; c++) dot[j][c] = _mm512_setzero_si512();
 #pragma GCC unroll 4
         for (int load = 0; load < 4; load++) {
-            const __m512i words = _mm512_loadu_si512(codes + (size_t)g * 256 + load * 64);
-            const __m512i w[4] = {
-                _mm512_and_si512(words, low4),
-                _mm512_and_si512(_mm512_srli_epi16(words, 4), low4),
-                _mm512_and_si512(_mm512_srli_epi16(words, 8), low4),
-                _mm512_srli_epi16(words, 12),
-            };
+            const __m512i bytes = _mm512_loadu_si512(group_codes + load * 64);
+            const __m512i low = _mm512_and_si512(bytes, low4), high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
             for (int j = 0; j < RB; j++) {
-                const int16_t *q = job->act->q + (size_t)(r0 + j) * k + g * GROUP + 8 * load;
-                for (int t = 0; t < 4; t++) {
-                    int32_t pair;
-                    memcpy(&pair, q + 2 * t, sizeof pair);
-                    dot[j][t % chains] = _mm512_dpwssd_epi32(dot[j][t % chains], w[t], _mm512_set1_epi32(pair));
-                }
+                const int8_t *q = job->act->q + (size_t)(r0 + j) * k + g * GROUP + 8 * load;
+                const int c0 = (2 * load) % chains, c1 = (2 * load + 1) % chains;
+                dot[j][c0] = _mm512_dpbusd_epi32(dot[j][c0], low, avx512_quad(q));
+                dot[j][c1] = _mm512_dpbusd_epi32(dot[j][c1], high, avx512_quad(q + 4));
             }
         }
         const __m512 sub_scale = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sub + g * TILE))));
         const __m512 group_scale = _mm512_mul_ps(_mm512_loadu_ps(block_scales + b * TILE), sub_scale);
         const __m512 min = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mins + g * TILE)));
         for (int j = 0; j < RB; j++) {
+            const size_t index = (size_t)(r0 + j) * groups + g;
             __m512i sum = dot[j][0];
             for (int c = 1; c < chains; c++) sum = _mm512_add_epi32(sum, dot[j][c]);
-            const __m512 scale = _mm512_mul_ps(group_scale, _mm512_set1_ps(job->act->scales[(size_t)(r0 + j) * blocks + b]));
+            const __m512 scale = _mm512_mul_ps(group_scale, _mm512_set1_ps(job->act->scales[index]));
             total[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, total[j]);
-            total[j] = _mm512_fmadd_ps(min, _mm512_set1_ps(job->act->sums[(size_t)(r0 + j) * groups + g]), total[j]);
+            total[j] = _mm512_fmadd_ps(min, _mm512_set1_ps(job->act->sums[index]), total[j]);
         }
     }
+    const int n = tile * TILE;
     for (int j = 0; j < RB; j++) {
-        const int n = tile * TILE;
         if (job->bias) total[j] = _mm512_add_ps(total[j], _mm512_loadu_ps(job->bias + n));
-        if (job->out_dtype == DTYPE_FLOAT32) {
-            _mm512_storeu_ps((float *)job->out + (size_t)(r0 + j) * job->n + n, total[j]);
-        } else {
-            float values[TILE];
-            _mm512_storeu_ps(values, total[j]);
-            for (int lane = 0; lane < TILE; lane++) store_output(job, r0 + j, n + lane, values[lane]);
-        }
+        avx512_store(job, r0 + j, n, total[j]);
     }
 }
 
-#define INT4_AVX512_ROWS(RB) \
-    AVX512_TARGET static void int4_avx512_rows##RB(const Job *job, int tile, int r0) { int4_avx512_tile(job, tile, r0, RB); }
-INT4_AVX512_ROWS(1)
-INT4_AVX512_ROWS(2)
-INT4_AVX512_ROWS(3)
-INT4_AVX512_ROWS(4)
-INT4_AVX512_ROWS(5)
-INT4_AVX512_ROWS(6)
-INT4_AVX512_ROWS(7)
-INT4_AVX512_ROWS(8)
+/* Rows r0 .. r0 + RB - 1 against one int8 tile. The weights are stored as unsigned
+ * bytes (weight + 128), as vpdpbusd takes them; 128 times the sum of the group's
+ * activation codes is subtracted from each dot product to remove the offset. */
+AVX512_TARGET static inline __attribute__((always_inline)) void int8_avx512_tile(const Job *job, int tile, int r0, const int RB)
+{
+    const int k = job->k, groups = k / GROUP, chains = chains_for(RB);
+    const uint8_t *weights = job->weights + (size_t)tile * groups * 512;
+    __m512 total[PASS_ROWS];
+    for (int j = 0; j < RB; j++) total[j] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        const uint8_t *group_weights = weights + (size_t)g * 512;
+        for (int line = 0; line < 8; line++) _mm_prefetch((const char *)(group_weights + PREFETCH_BYTES + 64 * line), _MM_HINT_T0);
+        __m512i dot[PASS_ROWS][4];
+        for (int j = 0; j < RB; j++)
+            for (int c = 0; c < chains; c++) dot[j][c] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int load = 0; load < 8; load++) {
+            const __m512i bytes = _mm512_loadu_si512(group_weights + load * 64);
+            for (int j = 0; j < RB; j++) {
+                const int8_t *q = job->act->q + (size_t)(r0 + j) * k + g * GROUP + 4 * load;
+                dot[j][load % chains] = _mm512_dpbusd_epi32(dot[j][load % chains], bytes, avx512_quad(q));
+            }
+        }
+        for (int j = 0; j < RB; j++) {
+            const size_t index = (size_t)(r0 + j) * groups + g;
+            __m512i sum = _mm512_sub_epi32(dot[j][0], _mm512_set1_epi32(job->act->offsets[index]));
+            for (int c = 1; c < chains; c++) sum = _mm512_add_epi32(sum, dot[j][c]);
+            total[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(job->act->scales[index]), total[j]);
+        }
+    }
+    const int n = tile * TILE;
+    const __m512 row_scales = _mm512_loadu_ps(job->row_scales + n);
+    const __m512 bias = job->bias ? _mm512_loadu_ps(job->bias + n) : _mm512_setzero_ps();
+    for (int j = 0; j < RB; j++) avx512_store(job, r0 + j, n, _mm512_fmadd_ps(total[j], row_scales, bias));
+}
 
 /*
- * The tile's weights stay in cache while each block of up to 8 activation rows passes
+ * A tile's weights stay in cache while each block of up to 8 activation rows passes
  * over them, so the rows of a prefill read the weights from memory once.
  */
-AVX512_TARGET static void int4_avx512(const Job *job, int n0, int n1)
-{
-    static void (*const kernels[INT4_PASS_ROWS + 1])(const Job *, int, int) = {
-        NULL, int4_avx512_rows1, int4_avx512_rows2, int4_avx512_rows3, int4_avx512_rows4,
-        int4_avx512_rows5, int4_avx512_rows6, int4_avx512_rows7, int4_avx512_rows8};
-    for (int tile = n0 / TILE; tile < n1 / TILE; tile++)
-        for (int r = 0; r < job->rows; r += INT4_PASS_ROWS)
-            kernels[job->rows - r < INT4_PASS_ROWS ? job->rows - r : INT4_PASS_ROWS](job, tile, r);
-}
-
-#define INT8_AVX512_BLOCK(NB, RB)                                                                    \
-    AVX512_TARGET static void int8_avx512_##NB##x##RB(const Job *job, int n, int r0)                 \
-    {                                                                                                \
-        const int k = job->k, blocks = k / BLOCK;                                                    \
-        __m512 acc[NB][RB];                                                                          \
-        for (int i = 0; i < NB; i++)                                                                 \
-            for (int j = 0; j < RB; j++) acc[i][j] = _mm512_setzero_ps();                            \
-        for (int b = 0; b < blocks; b++) {                                                           \
-            for (int i = 0; i < NB; i++) {                                                           \
-                const int8_t *weights = (const int8_t *)job->weights + (size_t)(n + i) * k + (size_t)b * BLOCK; \
-                _mm_prefetch((const char *)(weights + PREFETCH_ROWS * k), _MM_HINT_T0);             \
-                _mm_prefetch((const char *)(weights + PREFETCH_ROWS * k + 64), _MM_HINT_T0);        \
-                __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)weights));     \
-                __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(weights + 32))); \
-                __m512i w2 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(weights + 64))); \
-                __m512i w3 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(weights + 96))); \
-                for (int j = 0; j < RB; j++) {                                                       \
-                    const int16_t *q = job->act->q + (size_t)(r0 + j) * k + (size_t)b * BLOCK;       \
-                    __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(q)); \
-                    dot = _mm512_dpwssd_epi32(dot, w1, _mm512_loadu_si512(q + 32));                  \
-                    dot = _mm512_dpwssd_epi32(dot, w2, _mm512_loadu_si512(q + 64));                  \
-                    dot = _mm512_dpwssd_epi32(dot, w3, _mm512_loadu_si512(q + 96));                  \
-                    const float scale = job->act->scales[(size_t)(r0 + j) * blocks + b];            \
-                    acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(scale), acc[i][j]); \
-                }                                                                                    \
-            }                                                                                        \
-        }                                                                                            \
-        for (int i = 0; i < NB; i++)                                                                 \
-            for (int j = 0; j < RB; j++) {                                                           \
-                float total = _mm512_reduce_add_ps(acc[i][j]) * job->row_scales[n + i];              \
-                if (job->bias) total += job->bias[n + i];                                            \
-                store_output(job, r0 + j, n + i, total);                                             \
-            }                                                                                        \
+#define AVX512_KERNELS(KIND)                                                                                 \
+    AVX512_TARGET static void KIND##_avx512_rows1(const Job *job, int tile, int r0) { KIND##_avx512_tile(job, tile, r0, 1); } \
+    AVX512_TARGET static void KIND##_avx512_rows2(const Job *job, int tile, int r0) { KIND##_avx512_tile(job, tile, r0, 2); } \
+    AVX512_TARGET static void KIND##_avx512_rows3(const Job *job, int tile, int r0) { KIND##_avx512_tile(job, tile, r0, 3); } \
+    AVX512_TARGET static void KIND##_avx512_rows4(const Job *job, int tile, int r0) { KIND##_avx512_tile(job, tile, r0, 4); } \
+    AVX512_TARGET static void KIND##_avx512_rows5(const Job *job, int tile, int r0) { KIND##_avx512_tile(job, tile, r0, 5); } \
+    AVX512_TARGET static void KIND##_avx512_rows6(const Job *job, int tile, int r0) { KIND##_avx512_tile(job, tile, r0, 6); } \
+    AVX512_TARGET static void KIND##_avx512_rows7(const Job *job, int tile, int r0) { KIND##_avx512_tile(job, tile, r0, 7); } \
+    AVX512_TARGET static void KIND##_avx512_rows8(const Job *job, int tile, int r0) { KIND##_avx512_tile(job, tile, r0, 8); } \
+    AVX512_TARGET static void KIND##_avx512(const Job *job, int n0, int n1)                                  \
+    {                                                                                                        \
+        static void (*const kernels[PASS_ROWS + 1])(const Job *, int, int) = {                               \
+            NULL, KIND##_avx512_rows1, KIND##_avx512_rows2, KIND##_avx512_rows3, KIND##_avx512_rows4,         \
+            KIND##_avx512_rows5, KIND##_avx512_rows6, KIND##_avx512_rows7, KIND##_avx512_rows8};              \
+        for (int tile = n0 / TILE; tile < n1 / TILE; tile++)                                                 \
+            for (int r = 0; r < job->rows; r += PASS_ROWS)                                                   \
+                kernels[job->rows - r < PASS_ROWS ? job->rows - r : PASS_ROWS](job, tile, r);                \
     }
 
-#define AVX512_SHAPES(KIND)                                                                          \
-    KIND##_AVX512_BLOCK(1, 1)                                                                        \
-    KIND##_AVX512_BLOCK(2, 1)                                                                        \
-    KIND##_AVX512_BLOCK(2, 2)                                                                        \
-    KIND##_AVX512_BLOCK(2, 3)                                                                        \
-    KIND##_AVX512_BLOCK(2, 4)                                                                        \
-    KIND##_AVX512_BLOCK(2, 5)                                                                        \
-    KIND##_AVX512_BLOCK(2, 6)                                                                        \
-    KIND##_AVX512_BLOCK(2, 7)                                                                        \
-    KIND##_AVX512_BLOCK(2, 8)
-
-AVX512_SHAPES(INT8)
-
-/*
- * One activation row (decoding) goes one output row at a time. On 2 Zen 4 cores a
- * decoding step of the int4 1.5B target took 57 ms that way and 65 to 70 ms with 4
- * output rows at a time. More rows go with 2 output rows and up to 8 activation rows,
- * so the weights are widened once for 8 rows and the accumulators still fit in the 32
- * vector registers. The block's weights stay in cache while every activation row
- * passes over them.
- */
-#define AVX512_ROWS(KIND)                                                                            \
-    AVX512_TARGET static void KIND##_avx512(const Job *job, int n0, int n1)                          \
-    {                                                                                                \
-        static void (*const wide[9])(const Job *, int, int) = {                                      \
-            NULL, KIND##_avx512_2x1, KIND##_avx512_2x2, KIND##_avx512_2x3, KIND##_avx512_2x4,         \
-            KIND##_avx512_2x5, KIND##_avx512_2x6, KIND##_avx512_2x7, KIND##_avx512_2x8};              \
-        if (job->rows == 1) {                                                                        \
-            for (int n = n0; n < n1; n++) KIND##_avx512_1x1(job, n, 0);                              \
-            return;                                                                                  \
-        }                                                                                            \
-        for (int n = n0; n < n1; n += 2)                                                             \
-            for (int r = 0; r < job->rows; r += 8) wide[job->rows - r < 8 ? job->rows - r : 8](job, n, r); \
-    }
-
-AVX512_ROWS(int8)
+AVX512_KERNELS(int4)
+AVX512_KERNELS(int8)
 
 static void run_range(const Job *job, int n0, int n1)
 {
@@ -554,10 +547,11 @@ static int workers_started;
 static int pool_threads; /* threads of the current job, the caller included */
 static const Job *pool_job;
 
-/* output rows per unit of a thread's share: an int4 tile or a block of int8 rows */
+/* output rows per unit of a thread's share: a tile */
 static int row_unit(const Job *job)
 {
-    return job->kind == 4 ? TILE : INT8_ROW_BLOCK;
+    (void)job;
+    return TILE;
 }
 
 static void split_rows(const Job *job, int parts, int part, int *n0, int *n1)
@@ -673,10 +667,9 @@ static __thread size_t scratch_size;
 static int prepare_activations(Activations *act, int rows, int k)
 {
     size_t count = (size_t)rows * k;
-    size_t q_bytes = (count * sizeof(int16_t) + 63) & ~(size_t)63;
-    size_t scale_bytes = ((count / BLOCK) * sizeof(float) + 63) & ~(size_t)63;
-    size_t sum_bytes = ((count / GROUP) * sizeof(float) + 63) & ~(size_t)63;
-    size_t needed = q_bytes + scale_bytes + sum_bytes;
+    size_t q_bytes = (count + 63) & ~(size_t)63;
+    size_t group_bytes = ((count / GROUP) * sizeof(float) + 63) & ~(size_t)63; /* floats and int32s */
+    size_t needed = q_bytes + 3 * group_bytes;
     if (needed > scratch_size) {
         free(scratch);
         scratch = NULL;
@@ -685,9 +678,10 @@ static int prepare_activations(Activations *act, int rows, int k)
         scratch_size = needed;
     }
     char *base = scratch;
-    act->q = (int16_t *)base;
+    act->q = (int8_t *)base;
     act->scales = (float *)(base + q_bytes);
-    act->sums = (float *)(base + q_bytes + scale_bytes);
+    act->sums = (float *)(base + q_bytes + group_bytes);
+    act->offsets = (int32_t *)(base + q_bytes + 2 * group_bytes);
     return 0;
 }
 

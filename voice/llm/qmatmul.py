@@ -1,10 +1,10 @@
 """Python side of the native int4 and int8 matrix products in ``voice/_native/qmatmul.c``.
 
-The C kernels quantize each activation row to int16 (one scale per 128 values) and take
+The C kernels quantize each activation row to int8 (one scale per 32 values) and take
 integer dot products with AVX512-VNNI or AVX2, choosing the instruction set at run time.
-They read each block of weights once for all the rows of a call. The int4 weights are
-stored in tiles of 16 output rows (``pack_int4`` and ``tile_rows``), one row per vector
-lane. docs/measure_kernels.py times the int4 target's passes against torch's int4
+They read each block of weights once for all the rows of a call. The weights are stored
+in tiles of 16 output rows (``pack_int4``, ``pack_int8`` and ``tile_rows``), one row per
+vector lane. docs/measure_kernels.py times the int4 target's passes against torch's int4
 kernel. The extension is built at install when a C compiler is present. Without it ``available()`` is False and the layers in
 ``voice.llm.quant`` use torch's kernels.
 
@@ -32,12 +32,11 @@ logger = logging.getLogger(__name__)
 
 NATIVE_KERNELS_ENV = "VOICE_NATIVE_KERNELS"
 NATIVE_ISA_ENV = "VOICE_NATIVE_ISA"
-# Inputs per int4 sub-scale, inputs per activation scale and int4 block scale, output
-# rows per int4 tile, and the multiple of output rows the int8 kernel takes.
+# Inputs per activation scale and int4 sub-scale, inputs per int4 block scale, and
+# output rows per tile (both kernels take outputs in whole tiles).
 GROUP = 32
 BLOCK = 128
 TILE = 16
-INT8_ROW_BLOCK = 4
 # The largest int4 sub-scale: the kernels store sub-scales as uint8.
 MAX_SUB_SCALE = 255
 
@@ -105,8 +104,9 @@ def use_instruction_set(name: str) -> None:
 
 def fits(in_features: int, out_features: int, bits: int) -> bool:
     """Return True when the native kernel for ``bits`` (4 or 8) takes a layer of this shape."""
-    rows = TILE if bits == 4 else INT8_ROW_BLOCK
-    return in_features > 0 and in_features % BLOCK == 0 and out_features > 0 and out_features % rows == 0
+    if bits not in (4, 8):
+        raise ValueError(f"the native kernels take 4 or 8 bits, not {bits}")
+    return in_features > 0 and in_features % BLOCK == 0 and out_features > 0 and out_features % TILE == 0
 
 
 def route_threads(model: torch.nn.Module) -> None:
@@ -144,28 +144,43 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Pack codes (out, in) in 0..15 into the kernel's tiled (out, in / 2) bytes.
 
     Per tile of 16 output rows and group of 32 inputs, 256 bytes are read as 4 loads of
-    32 little-endian 16-bit words. In load L, word w belongs to row w // 2 of the tile,
-    and its nibble t (bits 4t to 4t+3) is the code of input 8L + 2t + w % 2 of the group.
-    So masking and shifting a load's words yields, for each nibble, one input pair of all
-    16 rows.
+    64 bytes. In load L, byte 4r + j holds row r's code of input 8L + j of the group in
+    its low nibble and that of input 8L + 4 + j in its high nibble. So masking a load
+    gives 4 adjacent inputs of all 16 rows, one row per 32-bit lane, and shifting it by 4
+    the next 4.
     """
     rows, columns = codes.shape
-    # (tile, row, group, load, nibble, pair member) -> (tile, group, load, row, pair member, nibble)
-    nibbles = codes.to(torch.int32).reshape(rows // TILE, TILE, columns // GROUP, 4, 4, 2).permute(0, 2, 3, 1, 5, 4)
-    words = nibbles[..., 0] | (nibbles[..., 1] << 4) | (nibbles[..., 2] << 8) | (nibbles[..., 3] << 12)
-    low_bytes = (words & 0xFF).to(torch.uint8)
-    high_bytes = (words >> 8).to(torch.uint8)
-    return torch.stack([low_bytes, high_bytes], dim=-1).reshape(rows, columns // 2).contiguous()
+    # (tile, row, group, load, nibble, j) -> (tile, group, load, row, j, nibble)
+    nibbles = codes.to(torch.uint8).reshape(rows // TILE, TILE, columns // GROUP, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+    return (nibbles[..., 0] | (nibbles[..., 1] << 4)).reshape(rows, columns // 2).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Return the codes (out, in) that ``pack_int4`` packed."""
     rows, half = packed.shape
-    pairs = packed.to(torch.int32).reshape(rows // TILE, half * 2 // GROUP, 4, TILE, 2, 2)
-    words = pairs[..., 0] | (pairs[..., 1] << 8)
-    nibbles = torch.stack([(words >> (4 * t)) & 0x0F for t in range(4)], dim=-1)
-    # (tile, group, load, row, pair member, nibble) -> (tile, row, group, load, nibble, pair member)
-    return nibbles.permute(0, 3, 1, 2, 5, 4).reshape(rows, half * 2).to(torch.uint8)
+    grouped = packed.reshape(rows // TILE, half * 2 // GROUP, 4, TILE, 4)
+    nibbles = torch.stack([grouped & 0x0F, grouped >> 4], dim=-1)
+    # (tile, group, load, row, j, nibble) -> (tile, row, group, load, nibble, j)
+    return nibbles.permute(0, 3, 1, 2, 5, 4).reshape(rows, half * 2).contiguous()
+
+
+def pack_int8(weights: torch.Tensor) -> torch.Tensor:
+    """Pack int8 weights (out, in) into the kernel's tiled (out, in) bytes, each weight + 128.
+
+    Per tile of 16 output rows and group of 32 inputs, 512 bytes are read as 8 loads of
+    64 bytes. In load L, byte 4r + j is row r's weight of input 4L + j of the group.
+    """
+    rows, columns = weights.shape
+    offset = (weights.to(torch.int16) + 128).to(torch.uint8)
+    # (tile, row, group, load, j) -> (tile, group, load, row, j)
+    return offset.reshape(rows // TILE, TILE, columns // GROUP, 8, 4).permute(0, 2, 3, 1, 4).reshape(rows, columns).contiguous()
+
+
+def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
+    """Return the int8 weights (out, in) that ``pack_int8`` packed."""
+    rows, columns = packed.shape
+    tiles = packed.reshape(rows // TILE, columns // GROUP, 8, TILE, 4).permute(0, 3, 1, 2, 4).reshape(rows, columns)
+    return (tiles.to(torch.int16) - 128).to(torch.int8)
 
 
 def tile_rows(values: torch.Tensor) -> torch.Tensor:
@@ -244,9 +259,9 @@ def int4_matmul(
 
 
 def int8_matmul(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Return x @ W.T + bias for W = scales[:, None] * weights.
+    """Return x @ W.T + bias for W = scales[:, None] * unpack_int8(weights).
 
-    ``weights`` is int8 (out, in); ``scales`` and ``bias`` are float32 (out).
+    ``weights`` is ``pack_int8``'s (out, in) uint8; ``scales`` and ``bias`` are float32 (out).
     """
-    dtypes = (torch.int8, torch.float32, torch.float32)
+    dtypes = (torch.uint8, torch.float32, torch.float32)
     return _run(_extension.int8_matmul, x, weights.shape[1], weights.shape[0], [weights, scales], dtypes, bias)

@@ -46,7 +46,7 @@ INT4_GROUP = 32
 # torch's int4 packing interleaves output rows in blocks of 16.
 _INT4_ROW_BLOCK = 16
 # Bumped when the layout of saved packed weights changes.
-_PACKED_FORMAT = 4
+_PACKED_FORMAT = 5
 
 
 def _flatten(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -82,7 +82,8 @@ class _PackedLinear(torch.nn.Module):
 class Int8Linear(_PackedLinear):
     """A linear layer with int8 weights and one scale per output row.
 
-    Buffers of the native kernel: ``qweight`` int8, ``scales`` and ``bias`` float32. Of
+    Buffers of the native kernel: ``qweight`` (``qmatmul.pack_int8``), ``scales`` and
+    ``bias`` float32. Of
     torch's ``_weight_int8pack_mm``: ``qweight`` int8, ``scales`` and ``bias`` in the
     model's dtype.
     """
@@ -95,7 +96,7 @@ class Int8Linear(_PackedLinear):
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         qweight = torch.round(weight / scales[:, None]).clamp(-127, 127)
         if kernel == "native":
-            buffers = {"qweight": qweight.to(torch.int8), "scales": scales, "bias": _bias(linear, torch.float32)}
+            buffers = {"qweight": qmatmul.pack_int8(qweight.to(torch.int8)), "scales": scales, "bias": _bias(linear, torch.float32)}
         else:
             buffers = {"qweight": qweight.to(torch.int8), "scales": scales.to(dtype), "bias": _bias(linear, dtype)}
         return cls(buffers, in_features, out_features, kernel)
