@@ -35,16 +35,16 @@ def int4_weight(layer: Int4Linear) -> torch.Tensor:
     codes = qmatmul.unpack_int4(layer.codes).double()
     block_scales = qmatmul.untile_rows(layer.block_scales).double()
     scales = qmatmul.untile_rows(layer.sub_scales).double() * block_scales.repeat_interleave(qmatmul.BLOCK // qmatmul.GROUP, dim=1)
-    mins = qmatmul.untile_rows(layer.mins).double()
-    return (codes.reshape(codes.shape[0], -1, qmatmul.GROUP) * scales[..., None]).reshape(codes.shape), mins
+    zeros = qmatmul.untile_rows(layer.zeros).double()
+    return ((codes - 8).reshape(codes.shape[0], -1, qmatmul.GROUP) * scales[..., None]).reshape(codes.shape), zeros
 
 
 def int4_reference(layer: Int4Linear, x: torch.Tensor, quantized: bool = True) -> torch.Tensor:
-    """x @ W.T in float64; the mins multiply the float activations, the codes the rounded ones."""
-    steps, mins = int4_weight(layer)
+    """x @ W.T in float64; the zeros multiply the float activations, the codes the rounded ones."""
+    steps, zeros = int4_weight(layer)
     rounded = quantized_activations(x) if quantized else x.float()
     sums = x.double().reshape(x.shape[0], -1, qmatmul.GROUP).sum(dim=-1)
-    return rounded.double() @ steps.T + sums @ mins.T + (0 if layer.bias is None else layer.bias.double())
+    return rounded.double() @ steps.T + sums @ zeros.T + (0 if layer.bias is None else layer.bias.double())
 
 
 def int8_reference(layer: Int8Linear, x: torch.Tensor, quantized: bool = True) -> torch.Tensor:
@@ -168,7 +168,8 @@ def test_int4_packing_layout():
 def test_int8_packing_round_trip_and_layout():
     weights = torch.randint(-128, 128, (32, 256), dtype=torch.int8)
     packed = qmatmul.pack_int8(weights)
-    assert packed.dtype == torch.uint8 and packed.shape == (32, 256)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (32, 256)
     assert torch.equal(qmatmul.unpack_int8(packed), weights)
     # Load 2 of group 1 of the first tile: byte 4r + j is input 32 + 8 + j of row r, plus 128.
     assert int(packed.flatten()[512 + 2 * 64 + 4 * 5 + 3]) == int(weights[5, 32 + 8 + 3]) + 128

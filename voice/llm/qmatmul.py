@@ -239,21 +239,21 @@ def int4_matmul(
     codes: torch.Tensor,
     sub_scales: torch.Tensor,
     block_scales: torch.Tensor,
-    mins: torch.Tensor,
+    zeros: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Return x @ W.T + bias for W = block_scale * sub_scale * code + min.
+    """Return x @ W.T + bias for W = block_scale * sub_scale * (code - 8) + zero.
 
     - ``codes``: ``pack_int4``'s (out, in / 2) uint8.
-    - ``sub_scales`` (uint8) and ``mins`` (float16): one per group of 32 inputs, (out, in / 32)
-      in ``tile_rows`` order.
+    - ``sub_scales`` (uint8) and ``zeros`` (float16, the weight that code 8 stands for):
+      one per group of 32 inputs, (out, in / 32) in ``tile_rows`` order.
     - ``block_scales``: float32, one per 128 inputs, (out, in / 128) in ``tile_rows`` order.
     - ``bias``: float32 (out) or None.
 
     The output has x's dtype when that is float32 or bfloat16; other dtypes compute in
     float32.
     """
-    weights = [codes, sub_scales, block_scales, mins]
+    weights = [codes, sub_scales, block_scales, zeros]
     dtypes = (torch.uint8, torch.uint8, torch.float32, torch.float16, torch.float32)
     return _run(_extension.int4_matmul, x, codes.shape[1] * 2, codes.shape[0], weights, dtypes, bias)
 

@@ -4,7 +4,7 @@ Decoding one token reads every weight of the model once, so on a CPU its speed i
 how many bytes the weights take. These layers keep the weights as 8- or 4-bit integers.
 Each layer computes with one of two kernels:
 
-- native (``voice.llm.qmatmul``, built at install): int16 activations and integer dot
+- native (``voice.llm.qmatmul``, built at install): int8 activations and integer dot
   products; a verification pass of several tokens reads the weights once for all of
   them. It is the default wherever it is built and the layer's shape fits.
 - torch's packed CPU kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``)
@@ -46,7 +46,7 @@ INT4_GROUP = 32
 # torch's int4 packing interleaves output rows in blocks of 16.
 _INT4_ROW_BLOCK = 16
 # Bumped when the layout of saved packed weights changes.
-_PACKED_FORMAT = 5
+_PACKED_FORMAT = 6
 
 
 def _flatten(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -114,9 +114,9 @@ class Int4Linear(_PackedLinear):
     """A linear layer with 4-bit weight codes, one scale and zero per 32 inputs of a row.
 
     Buffers of the native kernel: ``codes`` (``qmatmul.pack_int4``), ``sub_scales``
-    uint8 and ``mins`` float16 per group (out, in / 32), ``block_scales`` float32 per 128
+    uint8 and ``zeros`` float16 per group (out, in / 32), ``block_scales`` float32 per 128
     inputs (out, in / 128), the last three in ``qmatmul.tile_rows`` order, with
-    w = block_scale * sub_scale * code + min, and ``bias`` float32. Of torch's
+    w = block_scale * sub_scale * (code - 8) + zero, and ``bias`` float32. Of torch's
     ``_weight_int4pack_mm_for_cpu``: ``packed``, ``scales_and_zeros`` (in / 32, out, 2)
     and ``bias`` in the model's dtype.
     """
@@ -154,8 +154,8 @@ class Int4Linear(_PackedLinear):
                 "codes": qmatmul.pack_int4(codes),
                 "sub_scales": qmatmul.tile_rows(integer_scales.to(torch.uint8)),
                 "block_scales": qmatmul.tile_rows(block_scales.float()),
-                # float16 keeps 11 significant bits of each minimum.
-                "mins": qmatmul.tile_rows((zeros - 8 * scales).to(torch.float16)),
+                # float16 keeps 11 significant bits of each zero.
+                "zeros": qmatmul.tile_rows(zeros.to(torch.float16)),
                 "bias": None if bias is None else bias.float().contiguous(),
             }
         else:
@@ -188,7 +188,7 @@ class Int4Linear(_PackedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native":
-            return qmatmul.int4_matmul(x, self.codes, self.sub_scales, self.block_scales, self.mins, self.bias)
+            return qmatmul.int4_matmul(x, self.codes, self.sub_scales, self.block_scales, self.zeros, self.bias)
         flat = _flatten(x, self.scales_and_zeros.dtype)
         # NOTE: torch's kernel takes longer with every row: 0.73 ms for 1 row and 1.33 ms
         # for 5 on an 8960x1536 layer, so a verification pass costs far more than one token.
