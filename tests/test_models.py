@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import ROOT
 from voice import models
-from voice.errors import ModelError
+from voice.errors import ConfigError, ModelError
 
 # Small files inside this repository's own package stand in for model package parts.
 PART_A = models.PackagePart("voice", "0.1.0", "voice", "errors.py")
@@ -111,3 +111,11 @@ def test_uncached_hub_id_fails_offline_with_hint(monkeypatch):
 def test_piper_voice_must_be_onnx_file(tmp_path):
     with pytest.raises(ModelError, match="not an embedded voice nor an existing .onnx file"):
         models.resolve_piper(str(tmp_path / "voice.bin"), tmp_path)
+
+
+def test_unusable_cache_folder_named_with_fix(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    model = fake_model(sha256_of("errors.py"))
+    with pytest.raises(ConfigError, match=r"Cannot use the cache folder .*file.* set cache_dir in config.yaml, or XDG_CACHE_HOME"):
+        models._prepared_folder(model, blocker / "cache")

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from voice.errors import ModelError
+from voice.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +194,15 @@ def _sha256_of(paths: list[Path], sink: Path | None = None) -> str:
 @contextlib.contextmanager
 def _cache_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock so two processes never assemble the same model at once."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock_file:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock_file = open(folder / ".lock", "w")  # noqa: SIM115 (closed by the with block below)
+    except OSError as error:
+        raise ConfigError(
+            f"Cannot use the cache folder {folder} ({error.strerror or error}); set cache_dir in config.yaml, "
+            "or XDG_CACHE_HOME, to a folder this user can write"
+        ) from None
+    with lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             yield
