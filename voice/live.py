@@ -255,6 +255,8 @@ class LiveLoop:
         logger.info("Barge-in: the user spoke over the reply (microphone RMS %.3f, %s); stopping it", microphone, reply)
         self._interrupted_at = now
         self._started_over_reply = False  # this speech is the user's, so it gets an answer
+        if self._sink is not None:
+            self._sink.barge_in()
         self._task.cancel()
 
     def _on_pause(self, pause: Pause, now: float) -> None:

@@ -38,22 +38,35 @@ def test_paced_wav_sink_writes_at_playback_pace(tmp_path):
     assert not list(tmp_path.glob(".*.partial"))
 
 
-def test_paced_wav_sink_barge_in(tmp_path):
-    path = tmp_path / "reply.wav"
-
-    async def play_and_interrupt() -> None:
+def stop_after(path, seconds: float, barge_in: bool) -> None:
+    async def play_and_stop() -> None:
         sink = PacedWavSink(path)
         await sink.open(RATE)
         writing = asyncio.create_task(sink.write(tone(2.0)))
-        await asyncio.sleep(0.3)
-        sink.interrupt()
+        await asyncio.sleep(seconds)
+        if barge_in:
+            sink.barge_in()
+        else:
+            sink.interrupt()  # what a cancelled turn does, for example on Ctrl-C
         await writing
         await sink.close(ok=False)
 
-    asyncio.run(play_and_interrupt())
+    asyncio.run(play_and_stop())
+
+
+def test_paced_wav_sink_barge_in(tmp_path):
+    path = tmp_path / "reply.wav"
+    stop_after(path, 0.3, barge_in=True)
     samples, _rate = read_wav(path)
     seconds = len(samples) / RATE
     assert 0.2 <= seconds <= 0.6
+
+
+def test_paced_wav_sink_cancelled_reply_leaves_no_file(tmp_path):
+    path = tmp_path / "reply.wav"
+    stop_after(path, 0.3, barge_in=False)
+    assert not path.exists()
+    assert not list(tmp_path.glob(".*.partial"))
 
 
 def test_paced_wav_sink_failed_reply_leaves_no_file(tmp_path):

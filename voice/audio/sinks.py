@@ -107,6 +107,10 @@ class PacedSink(AudioSink):
     def interrupt(self) -> None:
         self._stop.set()
 
+    def barge_in(self) -> None:
+        """Stop the reply because the user spoke over it."""
+        self.interrupt()
+
     async def close(self, ok: bool) -> None:
         if not ok:
             self._stop.set()
@@ -117,20 +121,20 @@ class PacedWavSink(PacedSink):
 
     The live loop's timing, echo gate and barge-in work as with a speaker. A reply cut
     off by barge-in keeps what was written until then, which is what a speaker would
-    have played. A reply that fails leaves no file.
+    have played. A reply that fails or is stopped by Ctrl-C leaves no file.
     """
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
         self.path = Path(path)
         self._writer = None
-        self._interrupted = False
+        self._barged_in = False
 
     async def open(self, sample_rate: int) -> None:
         from voice.audio.wav import ReplyWavWriter
 
         await super().open(sample_rate)
-        self._interrupted = False
+        self._barged_in = False
         self._writer = ReplyWavWriter(self.path, sample_rate)
 
     def _play(self, piece: np.ndarray) -> None:
@@ -138,16 +142,20 @@ class PacedWavSink(PacedSink):
         self._writer.write(piece)
         time.sleep(max(0.0, len(piece) / self.sample_rate - (time.perf_counter() - started)))
 
-    def interrupt(self) -> None:
-        self._interrupted = True
-        super().interrupt()
+    def barge_in(self) -> None:
+        """Stop the reply because the user spoke over it: the file keeps what was written.
+
+        Any other stop (a failure, Ctrl-C) leaves no file.
+        """
+        self._barged_in = True
+        self.interrupt()
 
     async def close(self, ok: bool) -> None:
         await super().close(ok)
         if self._writer is None:
             return
         writer, self._writer = self._writer, None
-        if ok or self._interrupted:
+        if ok or self._barged_in:
             await asyncio.to_thread(writer.commit)
         else:
             await asyncio.to_thread(writer.discard)
