@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from tests.conftest import FIXTURES
 from tests.mqtt.conftest import Broker, Observer, ServiceThread, mqtt_config, tiny_assistant
 from voice.config import Config, LlmConfig
 from voice.errors import VoiceError
@@ -439,6 +440,29 @@ def test_missing_text_error_names_field(topic, fragment):
         protocol.parse_request(topic, b"{}", MqttConfig(), protocol.Topics.under("voice"))
     assert raised.value.code == "invalid_request"
     assert fragment in str(raised.value)
+
+
+@pytest.mark.parametrize(("topic", "example"), [(ASK, '{"text": "..."}'), (protocol.NLU_QUERY, '{"input": "..."}')], ids=["ask", "nlu-query"])
+def test_invalid_json_hint_per_topic(topic, example):
+    from voice.config import MqttConfig
+
+    with pytest.raises(protocol.RequestError) as raised:
+        protocol.parse_request(topic, b"{not json", MqttConfig(), protocol.Topics.under("voice"))
+    assert raised.value.code == "invalid_json"
+    assert str(raised.value).endswith(f"send an object such as {example}")
+
+
+def test_output_overwriting_question_rejected(assistant, observer, start_service, tmp_path):
+    recording = tmp_path / "question.wav"
+    recording.write_bytes((FIXTURES / "en_piper_capital_france_quiet.wav").read_bytes())
+    before = recording.read_bytes()
+    start_service(assistant)
+    wait_online(observer)
+    observer.publish(ASK, {"id": "same", "wav": str(recording), "output": str(tmp_path / "." / "question.wav")})
+    error = observer.wait_for_payload("voice/error", id="same")
+    assert error["code"] == "bad_output"
+    assert "would overwrite" in error["error"]
+    assert recording.read_bytes() == before
 
 
 def test_unsent_message_count_in_shutdown_log(assistant, broker, observer, start_service, monkeypatch, caplog):

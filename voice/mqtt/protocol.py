@@ -131,16 +131,16 @@ def parse_request(topic: str, payload: bytes, config: MqttConfig, topics: Topics
             "send a shorter request or a WAV file path instead of audio",
             *peek_ids(payload),
         )
+    # hermes/nlu/query carries its text in "input", the other request topics in "text".
+    example = f"{{\"{'input' if topic == NLU_QUERY else 'text'}\": \"...\"}}"
     try:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError("invalid_json", f"payload on {topic} is not JSON ({error}); send an object such as {{\"text\": \"...\"}}") from None
+        raise RequestError("invalid_json", f"payload on {topic} is not JSON ({error}); send an object such as {example}") from None
     except RecursionError:
         # Python's json module recurses once per nesting level, so about 1000 levels
         # exceed the interpreter's recursion limit. A 60 kB payload can nest 60,000 levels.
-        raise RequestError(
-            "invalid_json", f"payload on {topic} is nested too deeply to parse; send a flat object such as {{\"text\": \"...\"}}"
-        ) from None
+        raise RequestError("invalid_json", f"payload on {topic} is nested too deeply to parse; send a flat object such as {example}") from None
     if not isinstance(data, dict):
         raise RequestError("invalid_json", f"payload on {topic} must be a JSON object, got {type(data).__name__}")
 

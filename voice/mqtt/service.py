@@ -399,6 +399,11 @@ class MqttService:
                 check_output_path(request.output, probe_write=True, setting="the request's 'output'")
             except VoiceError as error:
                 raise RequestError("bad_output", str(error)) from None
+            # samefile also matches hard links and symbolic links to the recording.
+            if request.wav and os.path.exists(request.output) and os.path.exists(request.wav) and os.path.samefile(request.wav, request.output):
+                raise RequestError(
+                    "bad_output", f"output {request.output!r} is the question recording 'wav', so the reply would overwrite it; choose another path"
+                )
             sinks.append(WavFileSink(request.output))
         if request.speak and self.settings.speaker and not self.muted:
             sinks.append(_MutableSink(SpeakerSink(hint="or set mqtt.speaker: false in config.yaml"), self))
