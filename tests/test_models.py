@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
@@ -119,3 +120,28 @@ def test_unusable_cache_folder_named_with_fix(tmp_path):
     model = fake_model(sha256_of("errors.py"))
     with pytest.raises(ConfigError, match=r"Cannot use the cache folder .*file.* set cache_dir in config.yaml, or XDG_CACHE_HOME"):
         models._prepared_folder(model, blocker / "cache")
+
+
+def test_damaged_file_found_and_model_built_again(tmp_path):
+    model = fake_model(sha256_of("errors.py", "metrics.py"))
+    folder = models._prepared_folder(model, tmp_path)
+    assert models.verify_prepared_model(model, tmp_path) is None
+    (folder / "model.bin").write_bytes(b"cut short")
+    problem = models.verify_prepared_model(model, tmp_path)
+    assert problem == f"{folder / 'model.bin'} is damaged or missing"
+    assert not folder.exists()
+    rebuilt = models._prepared_folder(model, tmp_path)
+    assert (rebuilt / "model.bin").read_bytes() == (ROOT / "voice" / "errors.py").read_bytes() + (ROOT / "voice" / "metrics.py").read_bytes()
+
+
+def test_folder_without_recorded_sums_checked_against_package_sum(tmp_path):
+    model = fake_model(sha256_of("errors.py", "metrics.py"))
+    folder = models._prepared_folder(model, tmp_path)
+    marker = json.loads((folder / "voice-cache.json").read_text())
+    del marker["files"]  # as folders built by earlier versions
+    (folder / "voice-cache.json").write_text(json.dumps(marker))
+    assert models.verify_prepared_model(model, tmp_path) is None
+    assert "files" in json.loads((folder / "voice-cache.json").read_text())
+    (folder / "voice-cache.json").write_text(json.dumps(marker))
+    (folder / "model.bin").write_bytes(b"cut short")
+    assert models.verify_prepared_model(model, tmp_path) is not None

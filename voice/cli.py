@@ -305,6 +305,12 @@ async def _prepare(config: Config, args: argparse.Namespace) -> int:
     from voice import models
 
     cache = models.cache_root(config.cache_dir)
+    # A file damaged since it was built (a full disk, a copy cut short) is found here
+    # and its model built again by the steps below.
+    for spec in (config.llm.target, config.llm.draft, config.asr.model, config.tts.voice):
+        problem = await asyncio.to_thread(models.verify_prepared, spec, cache)
+        if problem:
+            print(f"{spec}: {problem}; building it again", flush=True)
     steps = [
         ("target", config.llm.target, lambda: models.resolve_llm(config.llm.target, cache, config.allow_download, "llm.target")),
         ("draft", config.llm.draft, lambda: models.resolve_llm(config.llm.draft, cache, config.allow_download, "llm.draft")),

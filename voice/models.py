@@ -217,9 +217,28 @@ def _read_marker(folder: Path) -> dict | None:
         return None
 
 
-def _write_marker(folder: Path, model: EmbeddedModel) -> None:
-    marker = {"format": _CACHE_FORMAT, "name": model.name, "sha256": model.sha256, "created": time.time()}
-    (folder / "voice-cache.json").write_text(json.dumps(marker, indent=2) + "\n")
+def _folder_files(folder: Path) -> list[Path]:
+    """Return the model files of a prepared folder, without its marker."""
+    return sorted(path for path in folder.rglob("*") if path.is_file() and not path.name.startswith("voice-cache.json"))
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    return {path.relative_to(folder).as_posix(): _sha256_of([path]) for path in _folder_files(folder)}
+
+
+def _write_marker(folder: Path, model: EmbeddedModel, files: dict[str, str] | None = None) -> None:
+    """Write the marker that makes ``folder`` current, with the SHA-256 of every file it contains."""
+    marker = {
+        "format": _CACHE_FORMAT,
+        "name": model.name,
+        "sha256": model.sha256,
+        "created": time.time(),
+        "files": files if files is not None else _file_digests(folder),
+    }
+    # Written beside and renamed into place, so a reader never sees half a marker.
+    partial = folder / "voice-cache.json.partial"
+    partial.write_text(json.dumps(marker, indent=2) + "\n")
+    os.replace(partial, folder / "voice-cache.json")
 
 
 def _is_current(folder: Path, model: EmbeddedModel) -> bool:
@@ -287,6 +306,43 @@ def _prepared_folder(model: EmbeddedModel, cache: Path) -> Path:
     folder = cache / "models" / model.kind / model.name
     _cached_build(folder, model, cache, build)
     return folder
+
+
+def verify_prepared(spec: str, cache: Path) -> str | None:
+    """Check the files of an embedded model's prepared folder against the SHA-256 sums taken when it was built.
+
+    A damaged or missing file makes the folder stale, so the next use builds it again;
+    the return value names the problem. Returns None when the folder is intact, not built
+    yet, or not an embedded model's.
+    """
+    model = EMBEDDED.get(spec)
+    return None if model is None else verify_prepared_model(model, cache)
+
+
+def verify_prepared_model(model: EmbeddedModel, cache: Path) -> str | None:
+    """Check ``model``'s prepared folder as ``verify_prepared`` does."""
+    folder = cache / "models" / model.kind / model.name
+    if not _is_current(folder, model):
+        return None
+    with _cache_lock(cache):
+        marker = _read_marker(folder) or {}
+        actual = _file_digests(folder)
+        expected = marker.get("files")
+        if expected is None:
+            # A folder built before the sums were recorded: the files copied from the
+            # packages have known sums, which leaves only converted language models unchecked.
+            # NOTE: those are trusted once, and their sums are recorded now.
+            expected = dict(actual)
+            if model.kind != "llm":
+                expected[model.file_name] = model.sha256
+                expected.update({Path(part.relative_path).name: digest for part, digest in model.extra_files})
+        damaged = sorted(name for name in set(expected) | set(actual) if expected.get(name) != actual.get(name))
+        if not damaged:
+            if "files" not in marker:
+                _write_marker(folder, model, actual)
+            return None
+        shutil.rmtree(folder)
+    return f"{folder / damaged[0]} is damaged or missing"
 
 
 def embedded_gguf(spec: str, cache: Path) -> Path | None:

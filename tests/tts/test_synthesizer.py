@@ -66,3 +66,14 @@ def test_phrase_join_with_piper_has_short_pause():
     # Piper's own silences at the join last longer than a pause inside a phrase.
     assert join_pause_s(cut_edges=False) > 0.15
     assert join_pause_s(cut_edges=True) <= JOIN_LEADING_S + JOIN_TRAILING_S + 2 / rate
+
+
+def test_damaged_voice_file_names_the_fix(tmp_path):
+    from voice.errors import ModelError
+
+    voice = models.resolve_piper(TtsConfig().voice, models.cache_root())
+    damaged = tmp_path / voice.name
+    damaged.write_bytes(voice.read_bytes()[:1000])
+    (tmp_path / f"{voice.name}.json").write_bytes(voice.with_name(f"{voice.name}.json").read_bytes())
+    with pytest.raises(ModelError, match=r"failed to load .*run voice prepare"):
+        Synthesizer(damaged, TtsConfig())

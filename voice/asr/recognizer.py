@@ -23,6 +23,7 @@ import numpy as np
 from voice.asr.phantoms import is_phantom_phrase
 from voice.audio.vad import longest_voiced_run_ms, normalize_peak
 from voice.config import AsrConfig
+from voice.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +60,20 @@ class Recognizer:
     def __init__(self, model_source: str, config: AsrConfig, local_files_only: bool = True) -> None:
         started = time.monotonic()
         self.config = config
-        self.model = _windowed_model_class()(
-            config.window_s * _FRAMES_PER_S,
-            model_source,
-            device="cpu",
-            compute_type=config.compute_type,
-            cpu_threads=config.threads,
-            local_files_only=local_files_only,
-        )
+        try:
+            self.model = _windowed_model_class()(
+                config.window_s * _FRAMES_PER_S,
+                model_source,
+                device="cpu",
+                compute_type=config.compute_type,
+                cpu_threads=config.threads,
+                local_files_only=local_files_only,
+            )
+        except (RuntimeError, ValueError) as error:  # CTranslate2's errors for unreadable model files
+            raise ModelError(
+                f"Whisper model {model_source} failed to load ({(str(error) or repr(error)).splitlines()[0]}): "
+                "run voice prepare to check the cached models and rebuild damaged ones"
+            ) from None
         logger.info("Loaded Whisper model %s in %.1f s", model_source, time.monotonic() - started)
 
     def transcribe(self, audio: np.ndarray) -> Transcript:

@@ -57,6 +57,11 @@ def _from_pretrained(loader, source: str, hub: bool, allow_download: bool, setti
                 "or set allow_download: true in config.yaml"
             ) from None
         raise ModelError(f"{setting}: cannot load {source!r}: {error}") from None
+    except Exception as error:  # safetensors and the tokenizers library raise their own classes for damaged files
+        raise ModelError(
+            f"{setting}: {source!r} failed to load ({type(error).__name__}: {(str(error) or repr(error)).splitlines()[0]}); "
+            "run voice prepare to check the cached models and rebuild damaged ones"
+        ) from None
 
 
 def _load_model(source: str, hub: bool, allow_download: bool, dtype: torch.dtype, setting: str) -> PreTrainedModel:

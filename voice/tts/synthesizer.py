@@ -55,7 +55,13 @@ class Synthesizer:
         # fighting over the same cores.
         options.intra_op_num_threads = config.threads
         options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(str(voice_path), sess_options=options, providers=["CPUExecutionProvider"])
+        try:
+            session = onnxruntime.InferenceSession(str(voice_path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own classes for unreadable models
+            raise ModelError(
+                f"Piper voice {voice_path} failed to load ({(str(error) or repr(error)).splitlines()[0]}): "
+                "run voice prepare to check the cached models and rebuild damaged ones, or reinstall the voice"
+            ) from None
         self.voice = PiperVoice(session=session, config=voice_config)
         self.sample_rate: int = voice_config.sample_rate
         self.synthesis_config = SynthesisConfig(length_scale=config.length_scale, volume=config.volume)
