@@ -147,3 +147,24 @@ def test_voice_mqtt_stops_cleanly_after_the_current_turn(broker, observer, tmp_p
     assert "Traceback" not in text
     assert password not in text, "the password appeared in the log"
     assert time.monotonic() - started < 120
+
+
+def test_voice_mqtt_repeated_sigterm_while_idle_exits_zero(broker, observer, tmp_path):
+    process = _start_voice_mqtt(broker, tmp_path, "secret-in-config-7f3a")
+    try:
+        observer.wait_for(lambda: [m for m in observer.on("voice/status") if m.payload == b"online"], timeout=180, description="the service online")
+        # Signals keep coming while the service stops and the process exits, as from an
+        # impatient user or a supervisor that repeats its stop request.
+        deadline = time.monotonic() + 60
+        while process.poll() is None and time.monotonic() < deadline:
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    text = output.decode(errors="replace")
+    assert process.returncode == 0, text[-2000:]
+    assert "Stopping after the current turn" not in text
+    assert "MQTT service stopped" in text

@@ -116,6 +116,11 @@ class MqttService:
             await asyncio.gather(connection, publisher, worker, return_exceptions=True)
         logger.info("MQTT service stopped")
 
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop`` was called."""
+        return self._stopping.is_set()
+
     def stop(self) -> None:
         """First call: finish the current turn, then stop. Second call: cancel the current turn too."""
         if self._stopping.is_set():
@@ -123,7 +128,10 @@ class MqttService:
                 logger.info("Cancelling the current turn")
                 self._turn.cancel()
             return
-        logger.info("Stopping after the current turn (signal again to cancel it)")
+        if self._turn is not None and not self._turn.done():
+            logger.info("Stopping after the current turn (signal again to cancel it)")
+        else:
+            logger.info("Stopping")
         self._stopping.set()
         self._requests.put_nowait(None)
 
