@@ -545,8 +545,8 @@ async def _mqtt(config: Config, args: argparse.Namespace) -> int:
         for number in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(number)
             if service.stopping:
-                # Stopped on request: a signal that arrives while the process exits asks
-                # for what is already happening, so it must not turn exit code 0 into 143.
+                # Stopped on request: a signal that arrives while the process exits repeats
+                # a request already being carried out, so it must not turn exit code 0 into 143.
                 signal.signal(number, signal.SIG_IGN)
     return 0
 
