@@ -362,7 +362,7 @@ def check_output_path(path: str | os.PathLike[str], probe_write: bool = False, s
                 pass
         except OSError as error:
             raise AudioInputError(
-                f"Output folder is not writable: {folder} ({error.strerror}). Choose another path for {setting}."
+                f"Creating a file in the output folder {folder} failed ({error.strerror}). Choose another path for {setting}."
             ) from None
 
 
@@ -403,7 +403,7 @@ class ReplyWavWriter:
                 continue
             except OSError as error:
                 raise AudioInputError(
-                    f"Output folder is not writable: {folder} ({error.strerror}). "
+                    f"Creating a file in the output folder {folder} failed ({error.strerror}). "
                     "Choose another --output path or fix the folder permissions."
                 ) from None
             return os.fdopen(descriptor, "wb")
