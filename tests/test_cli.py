@@ -325,3 +325,12 @@ def test_listen_output_dir_must_exist(tmp_path):
     missing = tmp_path / "missing"
     result = run_voice("listen", "--replay", str(FIXTURES / "silence_digital_5s.wav"), "--output-dir", str(missing), timeout=120)
     assert_clean_failure(result, 4, str(missing), "--output-dir")
+
+
+def test_version_printed(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"voice {version('voice')}"

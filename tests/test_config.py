@@ -133,3 +133,15 @@ def test_sampling_and_stop_settings_load(tmp_path):
     config = load_config(path)
     assert (config.llm.temperature, config.llm.top_k, config.llm.top_p, config.llm.seed) == (0.7, 40, 0.9, 7)
     assert config.llm.stop_strings == ["User:", "###"]
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [("llm:\n  max_new_tokens: 50\nllm:\n  temperature: 0.5\n", "llm"), ("llm:\n  max_new_tokens: 50\n  max_new_tokens: 60\n", "max_new_tokens")],
+    ids=["section", "setting"],
+)
+def test_duplicate_key_rejected(tmp_path, text, key):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"config.yaml: key '{key}' appears twice at line 3; keep one of them"):
+        load_config(path)

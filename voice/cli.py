@@ -36,6 +36,15 @@ def _raise_terminated(signal_number: int, frame) -> None:
     raise Terminated()
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("voice")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     # The global options are accepted before and after the command name; SUPPRESS keeps
     # a value given before the command from being reset by the command's default.
@@ -44,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log DEBUG messages")
 
     parser = argparse.ArgumentParser(prog="voice", parents=[options], description="Offline voice assistant with a speculative-decoding language model.")
+    parser.add_argument("--version", action="version", version=f"voice {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_command(name: str, summary: str, description: str) -> argparse.ArgumentParser:

@@ -289,6 +289,25 @@ def _build(cls: type, data: Any, path: Path, prefix: str = "") -> Any:
     return cls(**values)
 
 
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that rejects a key given twice in one mapping, where PyYAML keeps the last silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKeyError(
+                    f"key {key!r} appears twice at line {key_node.start_mark.line + 1}; keep one of them"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None) -> Config:
     """Read and validate a config file; ``None`` returns the defaults."""
     if path is None:
@@ -301,7 +320,9 @@ def load_config(path: str | Path | None) -> Config:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"Cannot read config file {path}: {error}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKeyError as error:
+        raise ConfigError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
