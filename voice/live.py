@@ -256,7 +256,7 @@ class LiveLoop:
         self._interrupted_at = now
         self._started_over_reply = False  # this speech is the user's, so it gets an answer
         if self._sink is not None:
-            self._sink.barge_in()
+            self._sink.mark_barge_in()
         self._task.cancel()
 
     def _on_pause(self, pause: Pause, now: float) -> None:

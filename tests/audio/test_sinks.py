@@ -45,9 +45,9 @@ def stop_after(path, seconds: float, barge_in: bool) -> None:
         writing = asyncio.create_task(sink.write(tone(2.0)))
         await asyncio.sleep(seconds)
         if barge_in:
-            sink.barge_in()
-        else:
-            sink.interrupt()  # what a cancelled turn does, for example on Ctrl-C
+            sink.mark_barge_in()
+        # What the pipeline does when the turn is cancelled, by barge-in or Ctrl-C.
+        sink.interrupt()
         await writing
         await sink.close(ok=False)
 

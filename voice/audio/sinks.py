@@ -77,6 +77,7 @@ class PacedSink(AudioSink):
     def __init__(self) -> None:
         self._stop = threading.Event()
         self.played: deque[tuple[float, float]] = deque(maxlen=400)
+        self.barged_in = False
 
     async def open(self, sample_rate: int) -> None:
         await super().open(sample_rate)
@@ -107,9 +108,9 @@ class PacedSink(AudioSink):
     def interrupt(self) -> None:
         self._stop.set()
 
-    def barge_in(self) -> None:
-        """Stop the reply because the user spoke over it."""
-        self.interrupt()
+    def mark_barge_in(self) -> None:
+        """Record that the user spoke over the reply; cancelling the turn then stops it."""
+        self.barged_in = True
 
     async def close(self, ok: bool) -> None:
         if not ok:
@@ -128,13 +129,12 @@ class PacedWavSink(PacedSink):
         super().__init__()
         self.path = Path(path)
         self._writer = None
-        self._barged_in = False
 
     async def open(self, sample_rate: int) -> None:
         from voice.audio.wav import ReplyWavWriter
 
         await super().open(sample_rate)
-        self._barged_in = False
+        self.barged_in = False
         self._writer = ReplyWavWriter(self.path, sample_rate)
 
     def _play(self, piece: np.ndarray) -> None:
@@ -142,20 +142,13 @@ class PacedWavSink(PacedSink):
         self._writer.write(piece)
         time.sleep(max(0.0, len(piece) / self.sample_rate - (time.perf_counter() - started)))
 
-    def barge_in(self) -> None:
-        """Stop the reply because the user spoke over it: the file keeps what was written.
-
-        Any other stop (a failure, Ctrl-C) leaves no file.
-        """
-        self._barged_in = True
-        self.interrupt()
-
     async def close(self, ok: bool) -> None:
         await super().close(ok)
         if self._writer is None:
             return
         writer, self._writer = self._writer, None
-        if ok or self._barged_in:
+        # Only a reply cut off by barge-in keeps what was written: the part the user heard.
+        if ok or self.barged_in:
             await asyncio.to_thread(writer.commit)
         else:
             await asyncio.to_thread(writer.discard)
