@@ -30,3 +30,8 @@ class AudioInputError(VoiceError):
 
 class AudioDeviceError(VoiceError):
     exit_code = 5
+
+
+def first_line(error: BaseException) -> str:
+    """Return the first line of an error's message, or its repr when the message is empty, for one-line errors."""
+    return (str(error) or repr(error)).splitlines()[0]

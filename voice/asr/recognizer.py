@@ -23,7 +23,7 @@ import numpy as np
 from voice.asr.phantoms import is_phantom_phrase
 from voice.audio.vad import longest_voiced_run_ms, normalize_peak
 from voice.config import AsrConfig
-from voice.errors import ModelError
+from voice.errors import ModelError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Recognizer:
             )
         except (RuntimeError, ValueError) as error:  # CTranslate2's errors for unreadable model files
             raise ModelError(
-                f"Whisper model {model_source} failed to load ({(str(error) or repr(error)).splitlines()[0]}): "
+                f"Whisper model {model_source} failed to load ({first_line(error)}): "
                 "run voice prepare to check the cached models and rebuild damaged ones"
             ) from None
         logger.info("Loaded Whisper model %s in %.1f s", model_source, time.monotonic() - started)

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from voice.config import LlmConfig
-from voice.errors import ModelError
+from voice.errors import ModelError, first_line
 from voice.llm.conversation import Conversation
 from voice.llm.drafters import Drafter, ModelDrafter, PromptLookupDrafter, quantize_linear_int8
 from voice.llm.kernels import use_skinny_linear
@@ -59,7 +59,7 @@ def _from_pretrained(loader, source: str, hub: bool, allow_download: bool, setti
         raise ModelError(f"{setting}: cannot load {source!r}: {error}") from None
     except Exception as error:  # safetensors and the tokenizers library raise their own classes for damaged files
         raise ModelError(
-            f"{setting}: {source!r} failed to load ({type(error).__name__}: {(str(error) or repr(error)).splitlines()[0]}); "
+            f"{setting}: {source!r} failed to load ({type(error).__name__}: {first_line(error)}); "
             "run voice prepare to check the cached models and rebuild damaged ones"
         ) from None
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from voice.config import TtsConfig
-from voice.errors import ModelError
+from voice.errors import ModelError, first_line
 from voice.tts.text import SpeechChunker, ends_mid_sentence
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Synthesizer:
             session = onnxruntime.InferenceSession(str(voice_path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own classes for unreadable models
             raise ModelError(
-                f"Piper voice {voice_path} failed to load ({(str(error) or repr(error)).splitlines()[0]}): "
+                f"Piper voice {voice_path} failed to load ({first_line(error)}): "
                 "run voice prepare to check the cached models and rebuild damaged ones, or reinstall the voice"
             ) from None
         self.voice = PiperVoice(session=session, config=voice_config)
