@@ -192,13 +192,12 @@ class _PrintingEvents:
 
 
 async def _respond(config: Config, args: argparse.Namespace) -> int:
-    from voice.audio.wav import load_speech
+    from voice.audio.wav import is_same_file, load_speech
 
     # Read and check the input and the output before importing torch or loading any
     # model, so a typo fails in a second rather than after a minute.
     audio = load_speech(args.input)
-    # samefile follows symbolic links and also matches hard links and relative paths.
-    if args.output and Path(args.output).exists() and os.path.samefile(args.input, args.output):
+    if args.output and is_same_file(args.input, args.output):
         raise AudioInputError(
             f"--output {args.output} is the input recording {args.input}, so the reply would overwrite the question. "
             "Choose another --output path."

@@ -336,6 +336,11 @@ def load_speech(path: str | os.PathLike[str]) -> np.ndarray:
     return resample(to_mono(samples), sample_rate, SPEECH_SAMPLE_RATE)
 
 
+def is_same_file(first: str | os.PathLike[str], second: str | os.PathLike[str]) -> bool:
+    """Return True when both paths exist and name one file, also through a symbolic or hard link."""
+    return os.path.exists(first) and os.path.exists(second) and os.path.samefile(first, second)
+
+
 def check_output_path(path: str | os.PathLike[str], probe_write: bool = False, setting: str = "--output") -> None:
     """Raise AudioInputError unless a reply can be written to ``path``.
 

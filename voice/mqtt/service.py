@@ -401,14 +401,13 @@ class MqttService:
         """Return the reply's destinations: the requested WAV file, the local speaker, MQTT chunks."""
         sinks: list[AudioSink] = []
         if request.output:
-            from voice.audio.wav import check_output_path
+            from voice.audio.wav import check_output_path, is_same_file
 
             try:
                 check_output_path(request.output, probe_write=True, setting="the request's 'output'")
             except VoiceError as error:
                 raise RequestError("bad_output", str(error)) from None
-            # samefile also matches hard links and symbolic links to the recording.
-            if request.wav and os.path.exists(request.output) and os.path.exists(request.wav) and os.path.samefile(request.wav, request.output):
+            if request.wav and is_same_file(request.wav, request.output):
                 raise RequestError(
                     "bad_output", f"output {request.output!r} is the question recording 'wav', so the reply would overwrite it; choose another path"
                 )
