@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import wave
+from collections.abc import Iterator
 
 import pytest
 
@@ -22,8 +24,8 @@ pytestmark = pytest.mark.slow
 ASK = "voice/ask"
 
 
-def wait_online(observer: Observer) -> None:
-    observer.wait_for(lambda: any(message.payload == b"online" for message in observer.on("voice/status")), timeout=120, description="voice/status online")
+def wait_online(observer: Observer, timeout: float = 120) -> None:
+    observer.wait_for(lambda: any(message.payload == b"online" for message in observer.on("voice/status")), timeout=timeout, description="voice/status online")
 
 
 def test_spoken_question_answered_into_wav(assistant, observer, start_service, tmp_path):
@@ -104,6 +106,17 @@ def test_tts_say_sends_bounded_audio_chunks(assistant, observer, start_service):
     assert not observer.payloads("voice/answer", id="wash")
 
 
+@contextlib.contextmanager
+def _killed_at_exit(process: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """Yield ``process`` and kill it if it still runs when the block ends, so a failed test leaves no service behind."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 def _start_voice_mqtt(broker, tmp_path, password: str) -> subprocess.Popen:
     config = tmp_path / "config.yaml"
     config.write_text(
@@ -124,18 +137,13 @@ def _start_voice_mqtt(broker, tmp_path, password: str) -> subprocess.Popen:
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_voice_mqtt_stops_cleanly_after_the_current_turn(broker, observer, tmp_path, stop_signal):
     password = "secret-in-config-7f3a"
-    process = _start_voice_mqtt(broker, tmp_path, password)
-    try:
-        observer.wait_for(lambda: [m for m in observer.on("voice/status") if m.payload == b"online"], timeout=180, description="the service online")
+    with _killed_at_exit(_start_voice_mqtt(broker, tmp_path, password)) as process:
+        wait_online(observer, timeout=180)
         observer.publish(ASK, {"id": "inflight", "text": "Explain how a rainbow forms.", "speak": False})
         observer.wait_for_payload("voice/answer/text", id="inflight", timeout=60)
         started = time.monotonic()
         process.send_signal(stop_signal)
         output, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     text = output.decode(errors="replace")
     assert process.returncode == 0, text[-2000:]
     # The turn in progress was finished and published before the service went offline.
@@ -150,9 +158,8 @@ def test_voice_mqtt_stops_cleanly_after_the_current_turn(broker, observer, tmp_p
 
 
 def test_voice_mqtt_repeated_sigterm_while_idle_exits_zero(broker, observer, tmp_path):
-    process = _start_voice_mqtt(broker, tmp_path, "secret-in-config-7f3a")
-    try:
-        observer.wait_for(lambda: [m for m in observer.on("voice/status") if m.payload == b"online"], timeout=180, description="the service online")
+    with _killed_at_exit(_start_voice_mqtt(broker, tmp_path, "secret-in-config-7f3a")) as process:
+        wait_online(observer, timeout=180)
         # Signals keep coming while the service stops and the process exits, as from an
         # impatient user or a supervisor that repeats its stop request.
         deadline = time.monotonic() + 60
@@ -160,10 +167,6 @@ def test_voice_mqtt_repeated_sigterm_while_idle_exits_zero(broker, observer, tmp
             process.send_signal(signal.SIGTERM)
             time.sleep(0.05)
         output, _ = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     text = output.decode(errors="replace")
     assert process.returncode == 0, text[-2000:]
     assert "Stopping after the current turn" not in text
