@@ -156,7 +156,7 @@ def test_int4_packing_round_trip():
 
 
 def test_int4_packing_layout():
-    # Load 1 of group 0 of the first tile: byte 4r + j holds inputs 8 + j and 12 + j of row r.
+    # Load 1 of group 0 of the first tile: byte 4r + j contains inputs 8 + j and 12 + j of row r.
     codes = torch.zeros(16, 128, dtype=torch.uint8)
     codes[3, 8 + 2] = 9  # row 3, low nibble of byte 14
     codes[3, 12 + 2] = 5  # row 3, high nibble of byte 14

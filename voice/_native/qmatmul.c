@@ -187,10 +187,11 @@ static inline int int8_weight(const uint8_t *tile_weights, int g, int lane, int 
 /*
  * The kernels of every instruction set perform these float operations in this order for
  * each output value, so their results are bit-identical. Per group, the exact int32 dot
- * product becomes float and is added with a fused multiply-add: int4 multiplies the
+ * product becomes float and is added with a fused multiply-add. int4 multiplies the
  * product with codes - 8 by (block_scale * sub_scale) * activation scale, then adds
- * zero * (sum of the group's activations) with another; int8 multiplies it by the
- * activation scale. int8 ends with one fused multiply-add of the row scale and the bias.
+ * zero * (sum of the group's activations) with a second one. int8 multiplies the
+ * product by the activation scale, and ends with one fused multiply-add of the row
+ * scale and the bias.
  */
 
 static void int4_scalar(const Job *job, int n0, int n1)
@@ -245,8 +246,8 @@ static void int8_scalar(const Job *job, int n0, int n1)
 /* ---------------------------------------------------------------------------------- */
 /* AVX2 kernels                                                                        */
 /*
- * A 256-bit vector holds 8 of a tile's 16 rows, so each tile goes in two halves: the
- * 32-byte half h of every 64-byte load holds rows 8 h to 8 h + 7. Without VNNI, vpmaddubsw
+ * A 256-bit vector contains 8 of a tile's 16 rows, so each tile goes in two halves: the
+ * 32-byte half h of every 64-byte load contains rows 8 h to 8 h + 7. Without VNNI, vpmaddubsw
  * multiplies unsigned weight bytes with signed activation bytes into pairs of int16, and
  * vpmaddwd with ones adds the pairs into int32.
  */
@@ -369,11 +370,11 @@ AVX2_KERNELS(int8)
 /* ---------------------------------------------------------------------------------- */
 /* AVX512-VNNI kernels                                                                 */
 /*
- * A 512-bit vector holds all 16 rows of a tile, 4 weight bytes per 32-bit lane.
+ * A 512-bit vector contains all 16 rows of a tile, 4 weight bytes per 32-bit lane.
  * vpdpbusd multiplies them with 4 activation bytes broadcast to every lane and adds
  * the 4 products to the lane's int32: 64 multiply-adds per instruction, no horizontal
  * sum. With fewer than 4 activation rows the products go into several int32
- * accumulators per row, so consecutive vpdpbusd do not wait for each other; the integer
+ * accumulators per row, so consecutive vpdpbusd do not wait for each other. The integer
  * sum is the same whatever the split.
  */
 
@@ -391,9 +392,12 @@ AVX512_TARGET static inline __m512i avx512_quad(const int8_t *q)
     return _mm512_set1_epi32(quad);
 }
 
+/* int32 accumulators per activation row: fewer rows need more chains to keep vpdpbusd busy */
 static inline int chains_for(int rows)
 {
-    return rows >= 4 ? 1 : rows >= 2 ? 2 : 4;
+    if (rows >= 4) return 1;
+    if (rows >= 2) return 2;
+    return 4;
 }
 
 AVX512_TARGET static inline void avx512_store(const Job *job, int row, int n, __m512 values)
@@ -554,16 +558,9 @@ static int workers_started;
 static int pool_threads; /* threads of the current job, the caller included */
 static const Job *pool_job;
 
-/* output rows per unit of a thread's share: a tile */
-static int row_unit(const Job *job)
-{
-    (void)job;
-    return TILE;
-}
-
 static void split_rows(const Job *job, int parts, int part, int *n0, int *n1)
 {
-    const int unit = row_unit(job), units = job->n / unit;
+    const int unit = TILE, units = job->n / unit;
     *n0 = (int)((long)units * part / parts) * unit;
     *n1 = (int)((long)units * (part + 1) / parts) * unit;
 }
@@ -638,7 +635,7 @@ static void openmp_body(void *data)
 static void run_job(const Job *job, int threads)
 {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > job->n / row_unit(job)) threads = job->n / row_unit(job);
+    if (threads > job->n / TILE) threads = job->n / TILE; /* a thread's share is whole tiles */
     if (threads > 1 && gomp_parallel) {
         gomp_parallel(openmp_body, (void *)job, (unsigned)threads, 0);
         return;
@@ -712,10 +709,10 @@ static int detect_isa(void)
 /* Check a call's shape and dtypes, quantize x and run the job with the GIL released. */
 static PyObject *run_matmul(Job *job, Py_ssize_t x, int x_dtype, int threads)
 {
-    if (job->rows < 0 || job->k <= 0 || job->n <= 0 || job->k % BLOCK || job->n % row_unit(job) ||
+    if (job->rows < 0 || job->k <= 0 || job->n <= 0 || job->k % BLOCK || job->n % TILE ||
         (x_dtype != DTYPE_FLOAT32 && x_dtype != DTYPE_BFLOAT16) || (job->out_dtype != DTYPE_FLOAT32 && job->out_dtype != DTYPE_BFLOAT16)) {
         PyErr_Format(PyExc_ValueError, "invalid shape or dtype: rows=%d in=%d out=%d (in must be a multiple of %d, out of %d)", job->rows,
-                     job->k, job->n, BLOCK, row_unit(job));
+                     job->k, job->n, BLOCK, TILE);
         return NULL;
     }
     if (job->rows == 0) Py_RETURN_NONE;

@@ -293,11 +293,10 @@ def _epsilon(norm: torch.nn.Module) -> float:
 def _fuse(modules: list[torch.nn.Module]) -> torch.nn.Module | list[torch.nn.Module]:
     """Concatenate layers that read the same input into one along their outputs, where the kernel allows.
 
-    Native-kernel int4 and int8 layers keep whole tiles of 16 rows (int4) or one row (int8)
-    of every buffer per output, so their buffers stack. The layers' own buffers become
-    views of the fused ones, so fusing takes no extra memory and the model's modules still
-    work. Other layers stay a list
-    and run one by one.
+    Native-kernel int4 and int8 layers store every buffer in whole tiles of 16 output
+    rows, so their buffers stack. The layers' own buffers become views of the fused ones,
+    so fusing takes no extra memory and the model's modules still work. Other layers stay
+    a list and run one by one.
     """
     first = modules[0]
     kinds = {(type(m), getattr(m, "kernel", None)) for m in modules}

@@ -83,9 +83,8 @@ class Int8Linear(_PackedLinear):
     """A linear layer with int8 weights and one scale per output row.
 
     Buffers of the native kernel: ``qweight`` (``qmatmul.pack_int8``), ``scales`` and
-    ``bias`` float32. Of
-    torch's ``_weight_int8pack_mm``: ``qweight`` int8, ``scales`` and ``bias`` in the
-    model's dtype.
+    ``bias`` float32. Of torch's ``_weight_int8pack_mm``: ``qweight`` int8, ``scales``
+    and ``bias`` in the model's dtype.
     """
 
     @classmethod
